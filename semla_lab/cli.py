@@ -1,0 +1,298 @@
+"""The `semla-lab` command line. Every subcommand runs on the embedded default unless told otherwise.
+
+  semla-lab world       write domains as dataset folders, print their summary, or draw a preview
+  semla-lab build       rebuild the shipped artifacts: clip | segmenter | library | all
+  semla-lab zero-shot   the base segmenter's mIoU on every shipped domain
+  semla-lab train-adapter / build-library / add-domain   grow adapter libraries
+  semla-lab evaluate    the leave-one-out benchmark (the main job)
+  semla-lab ablate      a grid over retrieval and fusion knobs
+Bad arguments, paths or files print one line `semla-lab: error: ...` and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _csv(kind):
+    return lambda s: [kind(x) for x in s.split(",") if x]
+
+
+def _domains(args_domains):
+    from .world.generate import get_domain, target_domains
+    return [get_domain(d) for d in (args_domains or target_domains())]
+
+
+def cmd_world(args):
+    import torch
+    from .data import write_dataset
+    from .world.generate import generate, shipped_domains
+    specs = _domains(args.domains) if args.domains else list(shipped_domains().values())
+    if args.preview:
+        from .plots import sample_grid
+        fig = sample_grid([generate(s, "test", args.per_domain, args.size) for s in specs], args.per_domain)
+        Path(args.preview).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(args.preview, dpi=args.dpi)
+        print(f"wrote {args.preview}")
+    if args.out:
+        for spec in specs:
+            samples = []
+            for split in args.splits:
+                data = generate(spec, split, args.count, args.size)
+                samples += [{"id": data.ids[i], "image": data.images[i], "label": data.labels[i], "split": split,
+                             "domain": spec.name} for i in range(len(data))]
+            root = write_dataset(Path(args.out) / spec.name, spec.name, spec.class_names, samples)
+            print(f"wrote {len(samples)} samples of {spec.name} to {root}")
+    if args.summary or not (args.out or args.preview):
+        print(world_summary(specs, args.count or 64).to_string())
+
+
+def world_summary(specs, count: int = 64):
+    """One row per domain: dataset, real domain played, scene kinds, style, factors, classes and the
+    pixel share of each class on `count` test images."""
+    import pandas as pd
+    import torch
+    from .world.generate import generate
+    rows = []
+    for spec in specs:
+        data = generate(spec, "test", count)
+        counts = torch.bincount(data.labels.flatten().long(), minlength=256).float()
+        shares = counts[: len(spec.class_names)] / counts.sum()
+        top = sorted(zip(spec.class_names, shares.tolist()), key=lambda t: -t[1])
+        rows.append({"domain": spec.name, "dataset": spec.dataset, "plays": spec.plays,
+                     "scene": "+".join(spec.scene), "style": spec.style,
+                     "factors": ",".join(f"{k}={v:g}" for k, v in spec.factors.items()) or "-",
+                     "classes": len(spec.class_names),
+                     "pixel shares": " ".join(f"{n}:{100 * s:.0f}%" for n, s in top[:5])})
+    return pd.DataFrame(rows).set_index("domain")
+
+
+def cmd_build(args):
+    from . import assets
+    from .runtime import assets_dir
+    from .train import AdapterConfig, ClipTrainConfig, SegTrainConfig
+    root = Path(args.out) if args.out else assets_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    q = args.quick
+    stages = ["clip", "segmenter", "library"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "clip":
+            cfg = ClipTrainConfig(steps=4, batch=16, corpus=64, seed=args.seed) if q else ClipTrainConfig(seed=args.seed)
+            info = assets.build_clip(root, cfg, domains=["cityscapes", "nyu"] if q else None,
+                                     progress=not args.quiet)
+        elif stage == "segmenter":
+            cfg = SegTrainConfig(steps=3, batch=8, seed=args.seed) if q else SegTrainConfig(seed=args.seed)
+            info = assets.build_segmenter_asset(root, cfg, progress=not args.quiet,
+                                                domains=["source", "cityscapes"] if q else None)
+        else:
+            cfg = AdapterConfig(steps=2, batch=8, seed=args.seed) if q else AdapterConfig(seed=args.seed)
+            info = assets.build_library(root, cfg, domains=["cityscapes", "acdc_fog"] if q else None,
+                                        progress=not args.quiet)
+        print(json.dumps({stage: info}, indent=1, default=str))
+
+
+def cmd_zero_shot(args):
+    from .assets import load_segmenter
+    from .clip import load_clip
+    from .experiments import evaluate_model
+    from .metrics import harmonic_mean
+    from .world.generate import SOURCE_DOMAIN, generate, shipped_domains
+    clip = load_clip()
+    seg = load_segmenter(clip=clip)
+    scores = {name: evaluate_model(seg, clip, generate(spec, "test", args.max_images))
+              for name, spec in shipped_domains().items()}
+    for name, s in scores.items():
+        print(f"{name:18s} {s:6.1f}")
+    targets = [s for n, s in scores.items() if n != SOURCE_DOMAIN]
+    print(f"{'h-mean (targets)':18s} {harmonic_mean(targets):6.1f}")
+
+
+def _bundle(library_dir):
+    from .assets import load_segmenter
+    from .clip import load_clip
+    from .library import AdapterLibrary
+    from .runtime import assets_dir
+    library = AdapterLibrary(library_dir or assets_dir() / "library")
+    emb = library.embedder
+    clip = load_clip(emb.get("model", "semla-tiny-clip"))
+    if clip.identity(emb.get("normalize", True)) != emb:
+        raise ValueError(f"library {library.root} was built with embedder {emb}, not {clip.identity(True)}")
+    return load_segmenter(clip=clip), clip, library
+
+
+def _eval_config(args, **over):
+    from .experiments import EvalConfig
+    return EvalConfig(**{"k": args.k, "tau": args.tau, "metric": args.metric, "weighting": args.weighting,
+                         "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images, **over})
+
+
+def cmd_evaluate(args):
+    from .experiments import METHODS, format_table, run_benchmark
+    from .world.generate import target_domains
+    seg, clip, library = _bundle(args.library)
+    targets = args.targets or target_domains()
+    payload = run_benchmark(seg, clip, library, targets, args.methods or METHODS, _eval_config(args), args.out,
+                            progress=not args.quiet)
+    print(format_table(payload["results"]))
+    if args.out:
+        print(f"\nwrote {Path(args.out) / 'results.json'} and selections.jsonl")
+
+
+def cmd_ablate(args):
+    from .experiments import ablation_grid, run_ablation
+    from .world.generate import target_domains
+    seg, clip, library = _bundle(args.library)
+    grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
+                         max_images=[args.max_images], batch_size=[args.batch_size])
+    table = run_ablation(seg, clip, library, args.targets or target_domains(), grid, args.methods, args.out,
+                         progress=not args.quiet)
+    print(table.to_string(index=False))
+
+
+def cmd_train_adapter(args):
+    from .assets import base_model_id, load_segmenter
+    from .clip import embed_class_names, load_clip
+    from .train import AdapterConfig, train_adapter
+    from .world.generate import generate, get_domain
+    clip = load_clip()
+    spec = get_domain(args.domain)
+    data = generate(spec, "train")
+    cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
+    info = train_adapter(load_segmenter(clip=clip), embed_class_names(clip, data.class_names), data.images,
+                         data.labels, args.out, base_model_id(), cfg, progress=not args.quiet)
+    print(json.dumps(info, indent=1))
+
+
+def cmd_build_library(args):
+    from .assets import build_library
+    from .runtime import assets_dir
+    from .train import AdapterConfig
+    import shutil
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"{out} exists and is not empty; choose a new folder")
+    root = out.with_name(f".{out.name}.build")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("tiny_clip.safetensors", "segmenter.safetensors", "manifest.json"):
+        shutil.copy(assets_dir() / name, root / name)
+    cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
+    build_library(root, cfg, args.domains, progress=not args.quiet)
+    (root / "library").replace(out)
+    shutil.rmtree(root)
+    print(f"wrote library of {len(args.domains or [])} domains to {out}" if args.domains else f"wrote {out}")
+
+
+def cmd_add_domain(args):
+    from .assets import add_domain, load_segmenter
+    from .clip import load_clip
+    from .library import AdapterLibrary
+    from .train import AdapterConfig
+    from .world.generate import generate, get_domain
+    library = AdapterLibrary(args.library)
+    clip = load_clip()
+    spec = get_domain(args.domain)
+    lora = library.lora_config
+    cfg = AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
+                        steps=args.steps, seed=args.seed)
+    add_domain(library, spec.name, generate(spec, "train"), load_segmenter(clip=clip), clip, cfg,
+               progress=not args.quiet)
+    print(f"added {spec.name} to {args.library} ({len(library)} domains)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("world", help="write, summarise or preview mini-world domains")
+    w.add_argument("domains", nargs="*", help="shipped domain names or spec .yaml files (default: all)")
+    w.add_argument("--out", help="write each domain as a dataset folder under this directory")
+    w.add_argument("--splits", type=_csv(str), default=["train", "test"])
+    w.add_argument("--count", type=int, help="samples per split (default: the spec's split sizes)")
+    w.add_argument("--size", type=int, help="image size in pixels (default: the spec's, 64)")
+    w.add_argument("--preview", help="write a PNG grid of samples with label overlays")
+    w.add_argument("--per-domain", type=int, default=3)
+    w.add_argument("--dpi", type=int, default=110)
+    w.add_argument("--summary", action="store_true", help="print the domain summary table")
+    w.set_defaults(func=cmd_world)
+
+    b = sub.add_parser("build", help="rebuild the shipped artifacts")
+    b.add_argument("stage", choices=["clip", "segmenter", "library", "all"])
+    b.add_argument("--out", help="artifact folder (default: the package's assets/)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--quick", action="store_true", help="a few steps only (CI smoke test of the recipe)")
+    b.set_defaults(func=cmd_build)
+
+    z = sub.add_parser("zero-shot", help="base segmenter mIoU on every shipped domain")
+    z.add_argument("--max-images", type=int)
+    z.set_defaults(func=cmd_zero_shot)
+
+    def knobs(q, multi: bool):
+        many = (lambda kind: _csv(kind)) if multi else (lambda kind: kind)
+        q.add_argument("--library", help="adapter library folder (default: the shipped one)")
+        q.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
+        q.add_argument("--k", type=many(int), default=[5] if multi else 5)
+        q.add_argument("--tau", type=many(float), default=[0.05] if multi else 0.05)
+        q.add_argument("--metric", type=many(str), default=["euclidean"] if multi else "euclidean")
+        q.add_argument("--weighting", type=many(str), default=["softmax"] if multi else "softmax")
+        q.add_argument("--fusion", type=many(str), default=["cat"] if multi else "cat")
+        q.add_argument("--max-images", type=int, help="test images per target (default: all)")
+        q.add_argument("--batch-size", type=int, default=50)
+        q.add_argument("--out", help="output folder")
+
+    e = sub.add_parser("evaluate", help="leave-one-out benchmark (zero-shot, uniform, SemLA, late, oracle)")
+    knobs(e, multi=False)
+    e.add_argument("--methods", nargs="*", help="subset of the methods (default: all six)")
+    e.set_defaults(func=cmd_evaluate)
+
+    a = sub.add_parser("ablate", help="grid over retrieval/fusion knobs, comma-separated values")
+    knobs(a, multi=True)
+    a.add_argument("--methods", nargs="*", default=["semla"])
+    a.set_defaults(func=cmd_ablate)
+
+    t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
+    t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
+    t.add_argument("--out", required=True)
+    for q in (t,):
+        q.add_argument("--rank", type=int, default=8)
+        q.add_argument("--steps", type=int, default=60)
+        q.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_train_adapter)
+
+    bl = sub.add_parser("build-library", help="train adapters for domains into a new library folder")
+    bl.add_argument("--out", required=True)
+    bl.add_argument("--domains", nargs="*", help="default: every shipped target domain")
+    bl.add_argument("--rank", type=int, default=8)
+    bl.add_argument("--steps", type=int, default=60)
+    bl.add_argument("--seed", type=int, default=0)
+    bl.set_defaults(func=cmd_build_library)
+
+    ad = sub.add_parser("add-domain", help="train an adapter for a new domain and add it to a library")
+    ad.add_argument("--library", required=True)
+    ad.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
+    ad.add_argument("--steps", type=int, default=60)
+    ad.add_argument("--seed", type=int, default=0)
+    ad.set_defaults(func=cmd_add_domain)
+
+    for q in sub.choices.values():
+        q.add_argument("--quiet", action="store_true", help="no progress bars")
+        q.add_argument("--threads", type=int, help="torch threads (default: $SEMLA_THREADS or 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runtime import configure_threads
+    args = build_parser().parse_args(argv)
+    try:
+        configure_threads(args.threads)
+        args.func(args)
+    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"semla-lab: error: {msg}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Experiments: the leave-one-out benchmark of the paper's Table 1, and ablations over its knobs.
+
+Methods (leave-one-out: the target's own adapter is excluded from every method but the oracle):
+  zero_shot      the base segmenter, no adapter
+  oracle         the target domain's own adapter
+  uniform        all other adapters merged with equal weights (cat)
+  semla          per-image top-K retrieval, softmax(1/d / tau) weights, weight-level fusion
+  semla_late     the same adapters and weights, mixing output probabilities instead
+  uniform_late   all other adapters, equal weights, output-level
+Notebooks 06 and 07 present the results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from .clip import Clip, embed_class_names, embed_images
+from .data import atomic_write_bytes, atomic_write_json
+from .metrics import MIoU, harmonic_mean
+from .predictor import LibraryModel
+from .retrieval import RetrievalConfig, retrieve
+from .runtime import resolve_device
+
+METHODS = ("zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle")
+FUSIONS = ("cat", "linear")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Every retrieval / fusion knob of the benchmark, with the paper's defaults."""
+    k: int = 5
+    tau: float = 0.05
+    metric: str = "euclidean"     # or "cosine"
+    weighting: str = "softmax"    # or "uniform" over the top-K
+    fusion: str = "cat"           # weight-level fusion of `semla`: "cat" (paper) or "linear" (peft)
+    batch_size: int = 50
+    max_images: int | None = None  # per target domain; None = the whole test split
+
+    def __post_init__(self):
+        RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def retrieval(self) -> RetrievalConfig:
+        return RetrievalConfig(self.k, self.tau, self.metric, self.weighting)
+
+
+@dataclass
+class Target:
+    """Test images of one target domain: uint8 images (N, 3, H, W), labels (N, H, W), class names."""
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    class_names: list[str]
+    ids: list[str]
+
+
+def load_target(target: str, max_images: int | None = None) -> Target:
+    """A shipped domain name, a domain spec file (.yaml), a dataset folder with a manifest.json, or
+    "real:<domain>" for a real dataset described in data_manifests/real/."""
+    from .world.generate import generate, get_domain
+    path = Path(target)
+    if target.startswith("real:"):
+        from .real_data import RealDataset, real_domains
+        domain = target.removeprefix("real:")
+        if domain not in real_domains():
+            raise KeyError(f"unknown real domain {domain!r}; known: {', '.join(real_domains())}")
+        ds = RealDataset(real_domains()[domain][0], split="val", domain=domain, max_samples=max_images)
+        return _target_from_items(domain, ds, ds.classes)
+    if path.is_dir():
+        from .data import SegmentationDataset
+        ds = SegmentationDataset(path, split="test") if _has_split(path, "test") else SegmentationDataset(path)
+        items = [ds[i] for i in range(min(len(ds), max_images or len(ds)))]
+        return _target_from_items(ds.name, items, ds.classes)
+    spec = get_domain(target)
+    split = generate(spec, "test", max_images if max_images is not None else None)
+    return Target(spec.name, split.images, split.labels, spec.class_names, split.ids)
+
+
+def _has_split(path: Path, split: str) -> bool:
+    from .data import read_manifest
+    return any(s.get("split") == split for s in read_manifest(path)["samples"])
+
+
+def _target_from_items(name: str, items, classes) -> Target:
+    items = list(items)
+    sizes = {tuple(it["image"].shape) for it in items}
+    if len(sizes) != 1:
+        raise ValueError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; resize to one size first")
+    images = torch.stack([(it["image"] * 255).round().to(torch.uint8) for it in items])
+    labels = torch.stack([it["label"] for it in items])
+    return Target(name, images, labels, list(classes), [it["id"] for it in items])
+
+
+@torch.no_grad()
+def evaluate_model(model, clip: Clip, data, batch_size: int = 64, device=None) -> float:
+    """mIoU (0-100) of a segmenter (no adaptation) on a DomainSplit or Target, with its own class names."""
+    device = resolve_device(device)
+    text = embed_class_names(clip, data.class_names, device=device).to(device)
+    meter = MIoU(len(data.class_names))
+    for start in range(0, len(data.images), batch_size):
+        x = data.images[start:start + batch_size].to(device).float().div(255)
+        meter.update(model(x, text).argmax(1).cpu(), data.labels[start:start + batch_size].long())
+    return meter.compute()["miou"]
+
+
+def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=METHODS,
+                    cfg: EvalConfig = EvalConfig()) -> tuple[dict[str, float], list[dict]]:
+    """mIoU per method on one target domain, and one selection record per image."""
+    names = engine.names
+    in_library = target.name in names
+    exclude = [target.name] if in_library else []
+    others = torch.tensor([i for i, n in enumerate(names) if n not in exclude])
+    normalize = engine.library.embedder.get("normalize", True)
+    text = embed_class_names(clip, target.class_names, device=engine.device)
+    meters = {m: MIoU(len(target.class_names)) for m in methods if m != "oracle" or in_library}
+    records = []
+    centroids = engine.library.centroids(names)
+    for start in range(0, len(target.images), cfg.batch_size):
+        x = target.images[start:start + cfg.batch_size].float().div(255)
+        y = target.labels[start:start + cfg.batch_size].long()
+        n = len(x)
+        t0 = time.perf_counter()
+        emb = embed_images(clip, x, normalize=normalize, device=engine.device)
+        t1 = time.perf_counter()
+        ret = retrieve(emb, centroids, names, cfg.retrieval, exclude=exclude)
+        t2 = time.perf_counter()
+        all_idx = others.expand(n, -1)
+        all_w = torch.full(all_idx.shape, 1.0 / len(others))
+        timings = {}
+        for m in meters:
+            ts = time.perf_counter()
+            if m == "zero_shot":
+                out = engine.logits(x, text)
+            elif m == "oracle":
+                out = engine.logits(x, text, torch.full((n, 1), names.index(target.name)), torch.ones(n, 1))
+            elif m == "uniform":
+                out = engine.logits(x, text, all_idx, all_w)
+            elif m == "semla":
+                out = engine.logits(x, text, ret.indices, ret.weights, cfg.fusion)
+            elif m == "semla_late":
+                out = engine.late_logits(x, text, ret.indices, ret.weights)
+            elif m == "uniform_late":
+                out = engine.late_logits(x, text, all_idx, all_w)
+            else:
+                raise ValueError(f"unknown method {m!r}; expected some of {METHODS}")
+            meters[m].update(out.argmax(1).cpu(), y)
+            timings[m] = time.perf_counter() - ts
+        for i in range(n):
+            records.append({
+                "image_id": target.ids[start + i], "target": target.name,
+                "distances": {d: round(float(v), 5) for d, v in zip(names, ret.distances[i])},
+                "chosen": [names[j] for j in ret.indices[i].tolist()],
+                "weights": [round(float(w), 5) for w in ret.weights[i]],
+                "ms": {"embed": 1000 * (t1 - t0) / n, "retrieve": 1000 * (t2 - t1) / n,
+                       **{f"predict_{m}": 1000 * t / n for m, t in timings.items()}},
+            })
+    return {m: meter.compute()["miou"] for m, meter in meters.items()}, records
+
+
+def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -> dict:
+    """results.json body: per method, per-domain mIoU, mean, harmonic mean, image counts."""
+    methods = {m for scores in per_domain.values() for m in scores}
+    out = {}
+    for m in [m for m in METHODS if m in methods]:
+        scores = {d: round(s[m], 2) for d, s in per_domain.items() if m in s}
+        values = list(scores.values())
+        out[m] = {"per_domain": scores, "mean": round(sum(values) / len(values), 2),
+                  "hmean": round(harmonic_mean(values), 2), "num_images": {d: counts[d] for d in scores}}
+    return out
+
+
+def gap_closed(results: dict) -> dict[str, float]:
+    """Fraction of the oracle - zero-shot h-mean gap that each method closes."""
+    if "oracle" not in results or "zero_shot" not in results:
+        return {}
+    zs, orc = results["zero_shot"]["hmean"], results["oracle"]["hmean"]
+    if orc == zs:
+        return {}
+    return {m: round((r["hmean"] - zs) / (orc - zs), 3) for m, r in results.items()}
+
+
+def results_table(results: dict) -> pd.DataFrame:
+    """Methods as rows, domains as columns, mean and h-mean last (the paper's Table 1 layout)."""
+    rows = {m: {**r["per_domain"], "mean": r["mean"], "h-mean": r["hmean"]} for m, r in results.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def format_table(results: dict) -> str:
+    table = results_table(results)
+    gaps = gap_closed(results)
+    if gaps:
+        table["gap closed"] = pd.Series(gaps)
+    with pd.option_context("display.width", 250, "display.max_columns", 100, "display.float_format", "{:.1f}".format):
+        return table.to_string()
+
+
+def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=METHODS,
+                  cfg: EvalConfig = EvalConfig(), out_dir: str | Path | None = None, device=None,
+                  progress: bool = True) -> dict:
+    """Leave-one-out evaluation of `methods` on `targets`; writes results.json and selections.jsonl
+    to `out_dir` when given. Returns the results dict."""
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
+    engine = LibraryModel(segmenter, library, device)
+    per_domain, counts, records = {}, {}, []
+    for name in tqdm(targets, desc="targets", disable=not progress):
+        target = load_target(name, cfg.max_images)
+        per_domain[target.name], recs = evaluate_target(engine, clip, target, methods, cfg)
+        counts[target.name] = len(target.images)
+        records += recs
+    results = summarize(per_domain, counts)
+    payload = {"results": results, "gap_closed": gap_closed(results),
+               "config": {**asdict(cfg), "methods": list(methods), "targets": targets,
+                          "library": {"root": Path(library.root).name, "domains": library.names(),
+                                      "embedder": library.embedder, "base_model": library.base_model}}}
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "results.json", payload)
+        atomic_write_bytes(out / "selections.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    return payload
+
+
+def ablation_grid(**axes) -> list[EvalConfig]:
+    """Configs for every combination of the given knob values, e.g. k=[1, 3, 5], tau=[0.05, 0.2]."""
+    import itertools
+    fields = {f.name for f in dataclasses.fields(EvalConfig)}
+    bad = set(axes) - fields
+    if bad:
+        raise ValueError(f"unknown knob(s) {sorted(bad)}; knobs: {sorted(fields)}")
+    keys = list(axes)
+    return [EvalConfig(**dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
+
+
+def run_ablation(segmenter, clip: Clip, library, targets: list[str], configs: list[EvalConfig],
+                 methods=("semla",), out_dir: str | Path | None = None, device=None, progress=True) -> pd.DataFrame:
+    """One row per (config, method): the knobs, h-mean and mean mIoU; also a tidy CSV of per-domain
+    scores (`ablation_tidy.csv`) for plotting."""
+    rows, tidy = [], []
+    engine = LibraryModel(segmenter, library, device)
+    loaded = {}
+    for cfg in tqdm(configs, desc="ablation", disable=not progress):
+        per_domain = {}
+        for name in targets:
+            key = (name, cfg.max_images)
+            loaded.setdefault(key, load_target(name, cfg.max_images))
+            per_domain[name], _ = evaluate_target(engine, clip, loaded[key], methods, cfg)
+        knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images")}
+        for m in methods:
+            scores = [per_domain[d][m] for d in targets if m in per_domain[d]]
+            rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),
+                         "mean": round(sum(scores) / len(scores), 2)})
+            tidy += [{**knobs, "method": m, "domain": d, "miou": round(per_domain[d][m], 2)}
+                     for d in targets if m in per_domain[d]]
+    table = pd.DataFrame(rows)
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
+        atomic_write_bytes(out / "ablation_tidy.csv", pd.DataFrame(tidy).to_csv(index=False).encode())
+    return table

@@ -1,0 +1,145 @@
+"""Fusing LoRA adapters per image, without creating peft adapters per image.
+
+For each LoRA target Linear W, adapter i contributes B_i A_i scaled by s_i = alpha / r. With
+per-image weights w (top-K of a library), the paper's `cat` fusion is exactly peft's
+`add_weighted_adapter(..., combination_type="cat")`:
+
+    A_cat = [w_1 s_1 A_1; ...; w_K s_K A_K]   B_cat = [B_1 ... B_K]
+    dW    = B_cat A_cat = sum_i w_i s_i B_i A_i
+
+We compute x -> x W^T + (x A_cat^T) B_cat^T with batched matmuls, so every image in a batch can
+have its own adapters and weights. peft's `linear` instead mixes A's and B's separately,
+(sum_i sqrt(w_i s_i) B_i)(sum_j sqrt(w_j s_j) A_j), which is NOT sum_i w_i dW_i: cross terms
+B_i A_j appear. Notebook 05 derives both by hand and checks them against peft.
+"""
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+FUSION_TYPES = ("cat", "linear")
+
+
+@dataclass
+class Selection:
+    """Per-image adapter choice: indices (B, K) into the library, weights (B, K), fusion type."""
+    indices: torch.Tensor
+    weights: torch.Tensor
+    fusion: str = "cat"
+
+
+class FusedLoRALinear(nn.Module):
+    """A frozen Linear plus the stacked LoRA factors of every library adapter for it:
+    A (L, r, in), B (L, out, r), scaling (L,). With no active selection it is the plain Linear."""
+
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, state: dict):
+        super().__init__()
+        self.base = base
+        self.register_buffer("A", A, persistent=False)
+        self.register_buffer("B", B, persistent=False)
+        self.register_buffer("scaling", scaling, persistent=False)
+        self.state = state           # shared with the FusedAdapters that installed this layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        sel: Selection | None = self.state.get("selection")
+        if sel is None:
+            return out
+        idx = sel.indices
+        coef = (sel.weights * self.scaling[idx]).to(x.dtype)                    # (B, K)
+        A, B = self.A[idx].to(x.dtype), self.B[idx].to(x.dtype)                   # (B, K, r, in), (B, K, out, r)
+        squeeze = x.dim() == 2
+        xs = x[:, None] if squeeze else x                                         # (B, N, in)
+        assert xs.shape[0] == idx.shape[0], f"batch {xs.shape[0]} but selection for {idx.shape[0]} images"
+        if sel.fusion == "cat":
+            h = torch.einsum("bni,bkri->bnkr", xs, A) * coef[:, None, :, None]    # (B, N, K, r)
+            delta = torch.einsum("bnkr,bkor->bno", h, B)
+        else:  # linear: mix the factors first, as peft does
+            root = coef.abs().sqrt()
+            A_mix = torch.einsum("bk,bkri->bri", root * coef.sign(), A)
+            B_mix = torch.einsum("bk,bkor->bor", root, B)
+            delta = torch.einsum("bnr,bor->bno", torch.einsum("bni,bri->bnr", xs, A_mix), B_mix)
+        return out + (delta[:, 0] if squeeze else delta)
+
+
+def _module_path(key: str) -> tuple[str, str]:
+    """peft key 'base_model.model.<path>.lora_A.weight' -> (<path>, 'A')."""
+    m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.[^.]+)?\.weight", key)
+    if not m:
+        raise ValueError(f"not a LoRA weight key: {key!r}")
+    return m.group(1), m.group(2)
+
+
+class FusedAdapters:
+    """Installs a library's adapters into a model (in place) as FusedLoRALinear layers.
+
+    `adapters` maps name -> (peft state dict, scaling). Use `with fused.select(indices, weights):`
+    to run the model with per-image fusion; outside the block the model is the base model."""
+
+    def __init__(self, model: nn.Module, adapters: dict[str, tuple[dict[str, torch.Tensor], float]]):
+        if not adapters:
+            raise ValueError("FusedAdapters needs at least one adapter")
+        self.model, self.names = model, list(adapters)
+        self.state: dict = {}
+        factors: dict[str, dict[str, list]] = {}
+        for name, (weights, _) in adapters.items():
+            for key, tensor in weights.items():
+                path, which = _module_path(key)
+                factors.setdefault(path, {"A": [None] * len(self.names), "B": [None] * len(self.names)})
+                factors[path][which][self.names.index(name)] = tensor.float()
+        scaling = torch.tensor([s for _, s in adapters.values()], dtype=torch.float32)
+        for path, ab in factors.items():
+            missing = [self.names[i] for i, t in enumerate(ab["A"] + ab["B"]) if t is None][:3]
+            if missing:
+                raise ValueError(f"adapters {missing} lack LoRA weights for module {path!r}: "
+                                 "all adapters of a library must share target modules")
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            base = getattr(parent, child)
+            if isinstance(base, FusedLoRALinear):
+                raise ValueError(f"{path} already carries fused adapters; install once per model")
+            if not isinstance(base, nn.Linear):
+                raise ValueError(f"LoRA target {path} is a {type(base).__name__}, expected nn.Linear")
+            device = base.weight.device
+            setattr(parent, child, FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
+                                                   torch.stack(ab["B"]).to(device), scaling.to(device), self.state))
+        self.modules = sorted(factors)
+
+    @contextmanager
+    def select(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str = "cat"):
+        """Activate per-image fusion: indices (B, K) long, weights (B, K)."""
+        if fusion not in FUSION_TYPES:
+            raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_TYPES}")
+        if indices.shape != weights.shape or indices.dim() != 2:
+            raise ValueError(f"indices {tuple(indices.shape)} and weights {tuple(weights.shape)} must both be (B, K)")
+        if len(self.names) and (indices.min() < 0 or indices.max() >= len(self.names)):
+            raise ValueError(f"adapter indices must lie in [0, {len(self.names)})")
+        device = next(iter(self.model.parameters())).device
+        self.state["selection"] = Selection(indices.to(device), weights.to(device).float(), fusion)
+        try:
+            yield
+        finally:
+            self.state.pop("selection", None)
+
+    def index(self, names: list[str]) -> torch.Tensor:
+        return torch.tensor([self.names.index(n) for n in names])
+
+
+def peft_weighted_forward(peft_model, adapters: list[str], weights: list[float], *inputs,
+                          combination_type: str = "cat"):
+    """The official SemLA path, kept as a reference: build a weighted adapter with peft, activate it,
+    run the model, delete it, and disable adapters (deleting the active adapter silently activates
+    another one in peft)."""
+    peft_model.add_weighted_adapter(adapters, weights, "_fused", combination_type=combination_type)
+    peft_model.set_adapter("_fused")
+    peft_model.base_model.enable_adapter_layers()
+    try:
+        with torch.no_grad():
+            return peft_model(*inputs)
+    finally:
+        peft_model.delete_adapter("_fused")
+        peft_model.base_model.disable_adapter_layers()

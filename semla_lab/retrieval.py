@@ -1,0 +1,162 @@
+"""SemLA retrieval math: distances to domain centroids, top-K selection, fusion weights.
+
+Conventions: query embeddings (Q, D), library centroids (L, D), one name per centroid;
+a "distance" is non-negative and smaller = nearer. The K retrieved adapters of a query are
+sorted nearest first and get weights w = softmax((1 / d) / tau) over the K (paper and official code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+METRICS = ("euclidean", "cosine")
+WEIGHTINGS = ("softmax", "uniform")
+EPS = 1e-8   # distances are clamped to this before 1/d, so an exact match gets ~all the weight
+
+
+def _check_finite(t: torch.Tensor, name: str) -> None:
+    if not t.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
+    """(Q, L) distances from queries (Q, D) or one query (D,) to centroids (L, D).
+
+    "euclidean": L2 distance (the paper's default). "cosine": 1 - cosine similarity, in [0, 2],
+    so the most similar centroid is the nearest. (The official SemLA code sorts cosine
+    similarities ascending like distances, i.e. picks the least similar; we do not.)
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+    if queries.dim() == 1:
+        queries = queries.unsqueeze(0)
+    if queries.dim() != 2 or centroids.dim() != 2:
+        raise ValueError(f"expected queries (Q, D) and centroids (L, D), got shapes "
+                         f"{tuple(queries.shape)} and {tuple(centroids.shape)}")
+    if centroids.shape[0] == 0:
+        raise ValueError("empty library: centroids has L == 0 rows")
+    if queries.shape[1] != centroids.shape[1]:
+        raise ValueError(f"dimension mismatch: queries have D={queries.shape[1]}, "
+                         f"centroids have D={centroids.shape[1]}")
+    _check_finite(queries, "queries")
+    _check_finite(centroids, "centroids")
+    dtype = torch.promote_types(queries.dtype, centroids.dtype)
+    queries, centroids = queries.to(dtype), centroids.to(dtype)
+    if metric == "euclidean":
+        return torch.cdist(queries, centroids, compute_mode="donot_use_mm_for_euclid_dist")
+    for name, t in (("queries", queries), ("centroids", centroids)):
+        if (t.norm(dim=1) == 0).any():
+            raise ValueError(f"cosine distance undefined: {name} contains a zero vector")
+    sim = F.normalize(queries, dim=1) @ F.normalize(centroids, dim=1).T
+    return (1 - sim).clamp(0, 2)
+
+
+def top_k(dist: torch.Tensor, k: int, exclude: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """K smallest distances per row of dist (Q, L), ascending: (values (Q, K), indices (Q, K)).
+
+    ``exclude`` is a bool (L,) mask of entries that may not be chosen. Ties go to the lower index.
+    """
+    if dist.dim() != 2:
+        raise ValueError(f"dist must be (Q, L), got shape {tuple(dist.shape)}")
+    if dist.isnan().any():
+        raise ValueError("dist contains NaN")
+    n = dist.shape[1]
+    if exclude is None:
+        exclude = torch.zeros(n, dtype=torch.bool)
+    if exclude.dtype != torch.bool or exclude.shape != (n,):
+        raise ValueError(f"exclude must be a bool mask of shape ({n},), got {exclude.dtype} "
+                         f"{tuple(exclude.shape)}")
+    allowed = (~exclude).nonzero().squeeze(1).to(dist.device)
+    if k <= 0 or k > allowed.numel():
+        raise ValueError(f"k={k} must be in [1, {allowed.numel()}] (library entries not excluded)")
+    values, pos = torch.sort(dist[:, allowed], dim=1, stable=True)
+    return values[:, :k], allowed[pos[:, :k]]
+
+
+def softmax_weights(d_topk: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
+    """(Q, K) fusion weights softmax((1 / d) / tau) over the last dim; rows sum to 1.
+
+    d is clamped to EPS first: an exact match (d == 0) takes ~all the weight, tied exact matches
+    share it. Computed in float64, returned in the input dtype.
+    """
+    if not tau > 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    _check_finite(d_topk, "d_topk")
+    if (d_topk < 0).any():
+        raise ValueError(f"distances must be >= 0, got min {float(d_topk.min())}")
+    logits = 1.0 / d_topk.double().clamp(min=EPS) / tau
+    return torch.softmax(logits, dim=-1).to(d_topk.dtype)
+
+
+def uniform_weights(q: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(q, k) weights, all 1 / k."""
+    if q < 0 or k < 1:
+        raise ValueError(f"uniform_weights needs q >= 0 and k >= 1, got q={q}, k={k}")
+    return torch.full((q, k), 1.0 / k, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """k adapters per query, softmax temperature tau, distance metric, weighting scheme."""
+    k: int = 5
+    tau: float = 0.05
+    metric: str = "euclidean"
+    weighting: str = "softmax"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+        if not self.tau > 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+
+
+@dataclass
+class Retrieval:
+    """Result for Q queries: indices (Q, K) long into the library, nearest first; weights (Q, K);
+    distances (Q, L) to every library entry; names (L,) in library order."""
+    indices: torch.Tensor
+    weights: torch.Tensor
+    distances: torch.Tensor
+    names: list[str]
+
+    def chosen(self, q: int) -> list[tuple[str, float, float]]:
+        """(name, distance, weight) of the adapters retrieved for query q, nearest first."""
+        return [(self.names[i], float(self.distances[q, i]), float(w))
+                for i, w in zip(self.indices[q].tolist(), self.weights[q])]
+
+
+def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str],
+             config: RetrievalConfig = RetrievalConfig(), exclude: Iterable[str] = ()) -> Retrieval:
+    """Top-K library entries and their fusion weights for queries (Q, D) or (D,).
+
+    ``exclude`` names library entries that may not be chosen (leave-one-out evaluation);
+    a single string is taken as one name.
+    """
+    names = list(names)
+    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+    if len(names) != centroids.shape[0]:
+        raise ValueError(f"got {len(names)} names for {centroids.shape[0]} centroids")
+    if len(set(names)) != len(names):
+        raise ValueError(f"library names must be unique, got {names}")
+    mask = torch.zeros(len(names), dtype=torch.bool)
+    for name in exclude:
+        if name not in names:
+            raise ValueError(f"cannot exclude unknown library entry {name!r}; known: {names}")
+        mask[names.index(name)] = True
+    dist = distances(queries, centroids, config.metric)
+    d_topk, indices = top_k(dist, config.k, mask)
+    if config.weighting == "softmax":
+        weights = softmax_weights(d_topk, config.tau)
+    else:
+        weights = uniform_weights(*indices.shape, dtype=dist.dtype).to(dist.device)
+    return Retrieval(indices=indices, weights=weights, distances=dist, names=names)

@@ -1,0 +1,166 @@
+"""Training: the tiny CLIP (contrastive), the base segmenter (source domain) and per-domain LoRA
+adapters (peft). Inference code never imports this module. Notebook 03 trains an adapter live.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from tqdm.auto import tqdm
+
+from .clip import Clip, embed_class_names, prepare_images
+from .runtime import resolve_device, seed_everything
+from .segmenter import LORA_TARGETS, OVSegmenter
+
+
+def photometric_augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random brightness (x0.25-1.2), per-channel gain (0.7-1.3), haze and noise on (B, 3, H, W) in
+    [0, 1]. Without it a clear-day base model collapses at dusk and night."""
+    B = images.shape[0]
+    u = lambda lo, hi, *s: lo + (hi - lo) * torch.rand(B, *s, generator=gen).to(images.device)
+    out = images * u(0.25, 1.2, 1, 1, 1) * u(0.7, 1.3, 3, 1, 1)
+    haze = u(0, 0.5, 1, 1, 1) * (torch.rand(B, 1, 1, 1, generator=gen).to(images.device) < 0.4)
+    out = out * (1 - haze) + haze * u(0.5, 0.9, 1, 1, 1)
+    out = out + u(0, 0.06, 1, 1, 1) * torch.randn(out.shape, generator=gen).to(images.device)
+    return out.clamp(0, 1)
+
+
+def hflip(images: torch.Tensor, labels: torch.Tensor, gen: torch.Generator):
+    flip = (torch.rand(images.shape[0], generator=gen) < 0.5).to(images.device)
+    return (torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images),
+            torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels))
+
+
+def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
+    """`steps` index batches drawn by epochs of seeded permutations."""
+    perm, pos = torch.randperm(n, generator=gen), 0
+    for _ in range(steps):
+        if pos + batch > n:
+            perm, pos = torch.randperm(n, generator=gen), 0
+        yield perm[pos:pos + batch]
+        pos += batch
+
+
+@dataclass
+class ClipTrainConfig:
+    steps: int = 300
+    batch: int = 128
+    lr: float = 1e-3
+    corpus: int = 8192        # image/caption pairs from random mini-world domains
+    seed: int = 0
+
+
+def pretrain_clip(clip: Clip, cfg: ClipTrainConfig = ClipTrainConfig(), device=None, progress=True) -> dict:
+    """Contrastive (InfoNCE both ways) training of a CLIP on mini-world image/caption pairs, in place."""
+    from .world.generate import web_corpus
+    device = resolve_device(device)
+    gen = seed_everything(cfg.seed)
+    images, captions = web_corpus(cfg.corpus, seed=cfg.seed)
+    tokens = clip.tokenizer(captions)
+    model = clip.model.to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    losses = []
+    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="CLIP", disable=not progress):
+        img = prepare_images(images[idx].to(device), clip)
+        img_f = F.normalize(model.encode_image(img), dim=-1)
+        txt_f = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
+        logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
+        target = torch.arange(len(idx), device=device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+
+
+@dataclass
+class SegTrainConfig:
+    steps: int = 300
+    batch: int = 32
+    lr_visual: float = 3e-4
+    lr_head: float = 3e-3
+    augment: bool = True
+    seed: int = 0
+
+
+def segmentation_loss(model, images, labels, text) -> torch.Tensor:
+    return F.cross_entropy(model(images, text), labels.long(), ignore_index=255)
+
+
+def train_base_segmenter(segmenter: OVSegmenter, clip: Clip, images: torch.Tensor, labels: torch.Tensor,
+                         class_names: list[str], cfg: SegTrainConfig = SegTrainConfig(), device=None,
+                         progress=True) -> dict:
+    """Tune the visual tower and train the head on source images (uint8 (N, 3, H, W), labels (N, H, W))."""
+    device = resolve_device(device)
+    gen = seed_everything(cfg.seed)
+    text = embed_class_names(clip, class_names, device=device).to(device)
+    model = segmenter.to(device).train()
+    opt = torch.optim.AdamW([{"params": model.visual.parameters(), "lr": cfg.lr_visual},
+                             {"params": model.head.parameters(), "lr": cfg.lr_head}], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [cfg.lr_visual, cfg.lr_head], total_steps=cfg.steps,
+                                                pct_start=0.1)
+    losses = []
+    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="segmenter", disable=not progress):
+        x, y = hflip(images[idx].float().div(255), labels[idx], gen)
+        if cfg.augment:
+            x = photometric_augment(x, gen)
+        loss = segmentation_loss(model, x.to(device), y.to(device), text)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    return {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 8
+    lora_alpha: int = 16
+    target_modules: str = LORA_TARGETS
+    steps: int = 60
+    batch: int = 32
+    lr: float = 2e-3
+    seed: int = 0
+
+    def lora_config(self, base_model: str) -> LoraConfig:
+        return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
+                          lora_dropout=0.0, bias="none", base_model_name_or_path=base_model)
+
+
+def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                  out_dir: str | Path, base_model: str, cfg: AdapterConfig = AdapterConfig(), device=None,
+                  progress=True) -> dict:
+    """Train one LoRA adapter on a frozen copy of `segmenter` for one domain and save it in peft's
+    format (adapter_config.json + adapter_model.safetensors) under `out_dir`."""
+    device = resolve_device(device)
+    gen = seed_everything(cfg.seed)
+    model = get_peft_model(copy.deepcopy(segmenter).to(device), cfg.lora_config(base_model))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    text = text.to(device)
+    losses = []
+    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="adapter", disable=not progress,
+                    leave=False):
+        x, y = hflip(images[idx].float().div(255), labels[idx], gen)
+        loss = segmentation_loss(model, x.to(device), y.to(device), text)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    model.eval()
+    model.save_pretrained(str(out_dir))
+    return {"config": {k: v for k, v in asdict(cfg).items()},
+            "final_loss": sum(losses[-10:]) / min(10, len(losses))}

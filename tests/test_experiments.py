@@ -1,0 +1,120 @@
+"""End to end on the shipped artifacts: benchmark files, leave-one-out, oracle, predictor, CLI."""
+import json
+
+import pytest
+import torch
+
+from semla_lab.assets import load_segmenter
+from semla_lab.clip import load_clip
+from semla_lab.experiments import (METHODS, EvalConfig, ablation_grid, format_table, gap_closed, load_target,
+                                   run_ablation, run_benchmark)
+from semla_lab.library import AdapterLibrary
+from semla_lab.predictor import LibraryModel, SemLAPredictor
+from semla_lab.runtime import assets_dir
+
+TARGETS = ["acdc_fog", "nyu"]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    clip = load_clip(device="cpu")
+    return load_segmenter(clip=clip, device="cpu"), clip, AdapterLibrary(assets_dir() / "library")
+
+
+@pytest.fixture(scope="module")
+def small_run(bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    seg, clip, lib = bundle
+    payload = run_benchmark(seg, clip, lib, TARGETS, METHODS, EvalConfig(max_images=6, batch_size=4), out,
+                            device="cpu", progress=False)
+    return out, payload
+
+
+def test_results_json_schema(small_run):
+    out, payload = small_run
+    saved = json.loads((out / "results.json").read_text())
+    assert saved == json.loads(json.dumps(payload))
+    assert set(saved["results"]) == set(METHODS)
+    for method, r in saved["results"].items():
+        assert set(r) == {"per_domain", "mean", "hmean", "num_images"}
+        assert set(r["per_domain"]) == set(TARGETS)
+        assert all(0 <= v <= 100 for v in r["per_domain"].values())
+        assert r["num_images"] == {t: 6 for t in TARGETS}
+    cfg = saved["config"]
+    assert cfg["k"] == 5 and cfg["tau"] == 0.05 and cfg["methods"] == list(METHODS)
+    assert set(saved["gap_closed"]) == set(METHODS)
+
+
+def test_selections_are_per_image_and_leave_one_out(small_run, bundle):
+    out, _ = small_run
+    lines = [json.loads(line) for line in (out / "selections.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and len({r["image_id"] for r in lines}) == 12
+    names = bundle[2].names()
+    for r in lines:
+        assert r["target"] not in r["chosen"], "the target's own adapter must be excluded"
+        assert len(r["chosen"]) == 5 and abs(sum(r["weights"]) - 1) < 1e-3
+        assert set(r["distances"]) == set(names)
+        assert {"embed", "retrieve", "predict_semla"} <= set(r["ms"])
+
+
+def test_oracle_is_the_targets_own_adapter(bundle):
+    seg, clip, lib = bundle
+    engine = LibraryModel(seg, lib, "cpu")
+    target = load_target("acdc_fog", 4)
+    from semla_lab.clip import embed_class_names
+    text = embed_class_names(clip, target.class_names)
+    x = target.images.float() / 255
+    own = engine.logits(x, text, torch.full((4, 1), engine.names.index("acdc_fog")), torch.ones(4, 1))
+    other = engine.logits(x, text, torch.full((4, 1), engine.names.index("nyu")), torch.ones(4, 1))
+    from semla_lab.experiments import evaluate_target
+    scores, _ = evaluate_target(engine, clip, target, ["oracle", "zero_shot"], EvalConfig(batch_size=4))
+    from semla_lab.metrics import MIoU
+    meter = MIoU(len(target.class_names))
+    meter.update(own.argmax(1), target.labels.long())
+    assert scores["oracle"] == pytest.approx(meter.compute()["miou"])
+    assert not torch.allclose(own, other)
+
+
+def test_unseen_target_has_no_oracle(bundle, tmp_path):
+    import yaml
+    from semla_lab.world.generate import mini_dir
+    spec = yaml.safe_load((mini_dir() / "cityscapes.yaml").read_text())
+    spec.update(name="unseen_dusk_fog", factors={"dusk": 0.6, "fog": 0.5})
+    (tmp_path / "unseen.yaml").write_text(yaml.safe_dump(spec))
+    seg, clip, lib = bundle
+    payload = run_benchmark(seg, clip, lib, [str(tmp_path / "unseen.yaml")], ["zero_shot", "semla", "oracle"],
+                            EvalConfig(max_images=4), device="cpu", progress=False)
+    assert "oracle" not in payload["results"] and "semla" in payload["results"]
+
+
+def test_table_and_gap(small_run):
+    _, payload = small_run
+    text = format_table(payload["results"])
+    assert "h-mean" in text and "semla" in text and "gap closed" in text
+    gaps = gap_closed(payload["results"])
+    assert gaps["zero_shot"] == 0 and gaps["oracle"] == 1
+
+
+def test_ablation_grid_and_csv(bundle, tmp_path):
+    seg, clip, lib = bundle
+    grid = ablation_grid(k=[1, 3], tau=[0.05], max_images=[4])
+    assert len(grid) == 2
+    with pytest.raises(ValueError, match="unknown knob"):
+        ablation_grid(temperature=[1])
+    table = run_ablation(seg, clip, lib, ["nyu"], grid, ["semla"], tmp_path, device="cpu", progress=False)
+    assert list(table["k"]) == [1, 3] and (tmp_path / "ablation_tidy.csv").is_file()
+
+
+def test_predictor_explains_its_choice(bundle):
+    seg, clip, lib = bundle
+    p = SemLAPredictor(seg, clip, lib, device="cpu")
+    with pytest.raises(RuntimeError, match="set_image"):
+        p.predict(["road"])
+    target = load_target("acdc_night", 1)
+    p.set_image(target.images[0], exclude=["acdc_night"])
+    mask = p.predict(target.class_names)
+    assert mask.shape == (64, 64) and mask.max() < len(target.class_names)
+    chosen = p.explain()
+    assert len(chosen) == 5 and "acdc_night" not in [c[0] for c in chosen]
+    assert chosen[0][1] <= chosen[-1][1] and chosen[0][2] >= chosen[-1][2]
+    assert not torch.equal(p.logits(target.class_names), p.logits(target.class_names, adapt=False))

@@ -1,0 +1,131 @@
+"""Fused per-image LoRA fusion == peft add_weighted_adapter, on the real segmenter architecture."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+from semla_lab.fusion import FusedAdapters, peft_weighted_forward
+from semla_lab.segmenter import LORA_TARGETS
+
+NAMES = ["a0", "a1", "a2", "a3", "a4"]
+TOL = dict(atol=2e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_segmenter):
+    torch.manual_seed(0)
+    base = copy.deepcopy(tiny_segmenter).eval()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(copy.deepcopy(base), cfg, adapter_name=NAMES[0])
+    for n in NAMES[1:]:
+        peft_model.add_adapter(n, cfg)
+    with torch.no_grad():   # make the deltas large enough to matter
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.eval()
+    states = {n: get_peft_model_state_dict(peft_model, adapter_name=n) for n in NAMES}
+    fused_model = copy.deepcopy(base)
+    fused = FusedAdapters(fused_model, {n: (states[n], cfg.lora_alpha / cfg.r) for n in NAMES})
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, 64, 64, generator=g)
+    text = torch.nn.functional.normalize(torch.randn(5, 64, generator=g), dim=-1)
+    return base, peft_model, fused_model, fused, images, text
+
+
+def _fused(fused_model, fused, names, weights, images, text, fusion="cat"):
+    idx = fused.index(names).expand(images.shape[0], -1)
+    w = torch.tensor(weights).expand(images.shape[0], -1)
+    with fused.select(idx, w, fusion), torch.no_grad():
+        return fused_model(images, text)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cat_equals_peft_batch_one(setup, seed):
+    base, peft_model, fused_model, fused, images, text = setup
+    g = torch.Generator().manual_seed(seed)
+    chosen = [NAMES[i] for i in torch.randperm(5, generator=g)[:3].tolist()]
+    weights = torch.softmax(torch.randn(3, generator=g), 0).tolist()
+    ref = peft_weighted_forward(peft_model, chosen, weights, images[:1], text)
+    out = _fused(fused_model, fused, chosen, weights, images[:1], text)
+    assert torch.allclose(out, ref, **TOL), (out - ref).abs().max()
+    with torch.no_grad():
+        assert (out - base(images[:1], text)).abs().max() > 1e-3, "adapters must change the output"
+
+
+def test_mixed_batch_each_image_its_own_adapters(setup):
+    base, peft_model, fused_model, fused, images, text = setup
+    choices = [(["a0", "a1"], [0.7, 0.3]), (["a2", "a4"], [0.1, 0.9]), (["a3", "a1"], [0.5, 0.5])]
+    idx = torch.stack([fused.index(n) for n, _ in choices])
+    w = torch.tensor([ws for _, ws in choices])
+    with fused.select(idx, w), torch.no_grad():
+        out = fused_model(images, text)
+    for i, (names, ws) in enumerate(choices):
+        ref = peft_weighted_forward(peft_model, names, ws, images[i:i + 1], text)
+        assert torch.allclose(out[i:i + 1], ref, **TOL)
+
+
+def test_k1_equals_single_adapter_and_no_selection_is_base(setup):
+    base, peft_model, fused_model, fused, images, text = setup
+    peft_model.base_model.enable_adapter_layers()
+    peft_model.set_adapter("a2")
+    with torch.no_grad():
+        ref = peft_model(images, text)
+    peft_model.base_model.disable_adapter_layers()
+    assert torch.allclose(_fused(fused_model, fused, ["a2"], [1.0], images, text), ref, **TOL)
+    with torch.no_grad():
+        assert torch.equal(fused_model(images, text), base(images, text))
+
+
+def test_peft_reference_leaves_no_adapter_active(setup):
+    """peft's delete_adapter on the active adapter silently activates another; zero-shot after a
+    fusion must still be the base model."""
+    base, peft_model, _, _, images, text = setup
+    peft_weighted_forward(peft_model, ["a0", "a1"], [0.5, 0.5], images, text)
+    with torch.no_grad():
+        assert torch.allclose(peft_model(images, text), base(images, text), atol=1e-6)
+
+
+def test_library_order_does_not_matter(setup, tiny_segmenter):
+    base, peft_model, fused_model, fused, images, text = setup
+    states = {n: get_peft_model_state_dict(peft_model, adapter_name=n) for n in reversed(NAMES)}
+    other_model = copy.deepcopy(base)
+    other = FusedAdapters(other_model, {n: (s, 2.0) for n, s in states.items()})
+    a = _fused(fused_model, fused, ["a1", "a3"], [0.4, 0.6], images, text)
+    b = _fused(other_model, other, ["a3", "a1"], [0.6, 0.4], images, text)
+    assert torch.allclose(a, b, **TOL)
+
+
+def test_linear_matches_peft_and_differs_from_cat(setup):
+    base, peft_model, fused_model, fused, images, text = setup
+    names, weights = ["a0", "a3"], [0.6, 0.4]
+    ref = peft_weighted_forward(peft_model, names, weights, images[:1], text, combination_type="linear")
+    out = _fused(fused_model, fused, names, weights, images[:1], text, fusion="linear")
+    assert torch.allclose(out, ref, **TOL)
+    cat = _fused(fused_model, fused, names, weights, images[:1], text)
+    assert (cat - out).abs().max() > 1e-3, "linear mixes factors: not the weighted sum of deltas"
+
+
+def test_fused_delta_is_linear_in_weights(setup):
+    """Fused output minus base is the weighted sum of the single-adapter deltas."""
+    base, _, fused_model, fused, images, text = setup
+    # at the level of one layer: delta(w) = sum_i w_i delta_i exactly
+    layer = next(m for m in fused_model.modules() if type(m).__name__ == "FusedLoRALinear")
+    x = torch.randn(2, 7, layer.A.shape[-1])
+    def delta(names, ws):
+        with fused.select(fused.index(names).expand(2, -1), torch.tensor(ws).expand(2, -1)):
+            return layer(x) - layer.base(x)
+    combined = delta(["a0", "a2", "a4"], [0.2, 0.3, 0.5])
+    parts = sum(w * delta([n], [1.0]) for n, w in zip(["a0", "a2", "a4"], [0.2, 0.3, 0.5]))
+    assert torch.allclose(combined, parts, atol=1e-5)
+
+
+def test_bad_selection_rejected(setup):
+    _, _, _, fused, _, _ = setup
+    with pytest.raises(ValueError, match="indices"):
+        with fused.select(torch.tensor([[0, 9]]), torch.tensor([[0.5, 0.5]])):
+            pass
+    with pytest.raises(ValueError, match="fusion"):
+        with fused.select(torch.tensor([[0]]), torch.tensor([[1.0]]), "ties"):
+            pass

@@ -1,0 +1,138 @@
+"""The mini world: specs, determinism, label/image alignment, captions, bad specs."""
+import pytest
+import torch
+import yaml
+
+from semla_lab.world.concepts import CONCEPT_ID, SCENE_KINDS
+from semla_lab.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
+                                      shipped_domains, target_domains, web_corpus)
+from semla_lab.world.spec import SpecError, load_spec, load_vocabularies, validate_spec
+
+SPECS = shipped_domains()
+
+
+def test_shipped_world_mirrors_the_benchmark():
+    targets = target_domains()
+    assert len(targets) >= 20 and SOURCE_DOMAIN not in targets
+    datasets = {SPECS[t].dataset for t in targets}
+    assert len(datasets) >= 8
+    assert {"acdc", "muses", "cityscapes", "bdd", "idd", "mapillary", "ade", "pascal_context", "nyu",
+            "coconut"} <= datasets
+    kinds = {k for s in SPECS.values() for k in s.scene}
+    assert kinds == set(SCENE_KINDS)
+    for kind, concepts in SCENE_KINDS.items():
+        assert len(concepts) >= 8, kind
+    # the same concept carries different names across datasets
+    car_names = {s.vocabulary.get("car") for s in SPECS.values()} - {None}
+    assert {"car", "vehicle"} <= car_names
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_every_shipped_spec_loads_and_generates(name):
+    spec = load_spec(mini_dir() / f"{name}.yaml")
+    assert spec == SPECS[name]
+    data = generate(spec, "test", 4)
+    assert data.images.shape == (4, 3, 64, 64) and data.images.dtype == torch.uint8
+    assert data.labels.shape == (4, 64, 64)
+    valid = (data.labels < len(spec.class_names)) | (data.labels == 255)
+    assert valid.all()
+    assert (data.labels != 255).float().mean() > 0.5, "most pixels carry a class of the vocabulary"
+
+
+def test_generation_is_bit_identical_and_prefix_stable():
+    spec = SPECS["acdc_snow"]
+    a, b = generate(spec, "train", 70), generate(spec, "train", 70)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.captions == b.captions
+    prefix = generate(spec, "train", 10)
+    assert torch.equal(prefix.images, a.images[:10])
+    other = generate(spec, "test", 10)
+    assert not torch.equal(other.images, a.images[:10]), "splits use different seeds"
+
+
+def test_labels_align_with_drawn_pixels():
+    """Render twice with the same seed, once with a factor that only changes appearance: labels are
+    identical, and pixel colour statistics differ by class (what is drawn is what is labelled)."""
+    spec = SPECS["cityscapes"]
+    img, lab, _ = render(spec, 32, seed=5)
+    _, lab_fog, _ = render(spec.with_factors(fog=0.9), 32, seed=5)
+    assert torch.equal(lab, lab_fog)
+    sky, road = lab == CONCEPT_ID["sky"], lab == CONCEPT_ID["road"]
+    blue = img[:, 2] - img[:, 0]
+    assert blue[sky].mean() > blue[road].mean() + 0.1, "sky pixels are bluer than road pixels"
+    rows = torch.arange(64).view(1, 64, 1).expand_as(lab).float()
+    assert rows[sky].mean() < rows[road].mean(), "sky above road"
+
+
+def test_factors_change_appearance_as_named():
+    spec = SPECS["cityscapes"]
+    day, _, _ = render(spec, 16, seed=1)
+    night, _, _ = render(spec.with_factors(night=1.0), 16, seed=1)
+    fog, _, _ = render(spec.with_factors(fog=1.0), 16, seed=1)
+    assert night.mean() < 0.5 * day.mean()
+    assert fog.std() < day.std(), "fog lowers contrast"
+
+
+def test_any_size_and_combination():
+    spec = validate_spec({"name": "custom", "dataset": "x", "scene": {"park": 1, "indoor": 1}, "style": "indian",
+                          "factors": {"snow": 0.5, "dusk": 0.5, "blur": 1.0, "resolution": 0.5},
+                          "vocabulary": {"grass": "grass", "wall": "wall", "person": "human"}, "size": 128})
+    data = generate(spec, "train", 3)
+    assert data.images.shape == (3, 3, 128, 128)
+    assert abs(sum(spec.scene.values()) - 1) < 1e-6
+
+
+def test_captions_name_scene_conditions_and_classes():
+    spec = SPECS["acdc_night"]
+    data = generate(spec, "test", 8)
+    for c in data.captions:
+        assert c.startswith("a ") and " with " in c and c.endswith(".")
+    assert sum("night" in c for c in data.captions) >= 6
+    _, caps = web_corpus(64, seed=3)
+    assert len(caps) == 64 and len(set(caps)) > 20
+
+
+def test_vocab_lut_maps_missing_concepts_to_ignore():
+    lut = concept_to_class_lut(SPECS["nyu"])
+    assert lut[CONCEPT_ID["wall"]] == 0 and lut[CONCEPT_ID["sky"]] == 255
+
+
+GOOD = {"name": "d", "dataset": "x", "scene": "street", "vocabulary": {"road": "road"}}
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"factors": {"haze": 0.3}}, "unknown factor 'haze'"),
+    ({"factors": {"fog": -0.1}}, "must not be negative"),
+    ({"factors": {"fog": 3.0}}, "outside"),
+    ({"factors": {"fog": "thick"}}, "must be a number"),
+    ({"vocabulary": {}}, "vocabulary is empty"),
+    ({"vocabulary": {"dragon": "dragon"}}, "unknown concept 'dragon'"),
+    ({"scene": "moon"}, "unknown scene kind"),
+    ({"style": "baroque"}, "unknown style"),
+    ({"colour": 1}, "unknown key"),
+    ({"splits": {"train": -1}}, "non-negative integer"),
+    ({"name": "../evil"}, "name"),
+    ({"seed": 1.5}, "seed"),
+])
+def test_bad_specs_rejected(change, message):
+    with pytest.raises(SpecError, match=message):
+        validate_spec({**GOOD, **change})
+
+
+def test_missing_and_malformed_spec_files(tmp_path):
+    with pytest.raises(SpecError, match="not found"):
+        load_spec(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    missing = tmp_path / "m.yaml"
+    missing.write_text(yaml.safe_dump({"name": "m", "dataset": "x", "scene": "park"}))
+    with pytest.raises(SpecError, match="missing required key 'vocabulary'"):
+        load_spec(missing, load_vocabularies(mini_dir() / "vocabularies.yaml"))
+
+
+def test_get_domain_by_name_or_path_and_unknown():
+    assert get_domain("nyu").name == "nyu"
+    assert get_domain(str(mini_dir() / "nyu.yaml")).name == "nyu"
+    with pytest.raises(KeyError, match="unknown domain"):
+        get_domain("atlantis")
