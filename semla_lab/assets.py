@@ -49,6 +49,14 @@ def _update_manifest(root: Path, key: str, value: dict) -> None:
     atomic_write_json(root / "manifest.json", {**read_manifest(root), key: value})
 
 
+def training_names(spec) -> list[list[str]]:
+    """For each class of a vocabulary, the names base training draws from: its own name and its
+    concept's synonyms, minus the held-out names kept for testing open-vocabulary transfer."""
+    from .world.concepts import HELD_OUT_NAMES, SYNONYMS
+    return [[name] + [s for s in SYNONYMS[concept] if s != name and s not in HELD_OUT_NAMES]
+            for concept, name in spec.vocabulary.items()]
+
+
 def load_segmenter(path: str | Path | None = None, clip: Clip | None = None, device=None) -> OVSegmenter:
     """The shipped base segmenter (or one saved by `build`), built around the tiny CLIP architecture."""
     root = assets_dir()
@@ -106,7 +114,8 @@ def build_segmenter_asset(root: Path, cfg: SegTrainConfig = SegTrainConfig(), he
     seg = build_segmenter(clip.model, head)
     source = generate(shipped_domains()[SOURCE_DOMAIN], "train")
     t0 = time.time()
-    info = train_base_segmenter(seg, clip, source.images, source.labels, source.class_names, cfg, device, progress)
+    info = train_base_segmenter(seg, clip, source.images, source.labels, training_names(source.spec), cfg, device,
+                                progress)
     _save(seg.state_dict(), root / "segmenter.safetensors")
     info.update(seconds=round(time.time() - t0, 1), head=asdict(head), threads=torch.get_num_threads())
     _update_manifest(root, "segmenter", info)

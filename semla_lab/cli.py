@@ -6,6 +6,7 @@
   semla-lab train-adapter / build-library / add-domain   grow adapter libraries
   semla-lab evaluate    the leave-one-out benchmark (the main job)
   semla-lab ablate      a grid over retrieval and fusion knobs
+  semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
 Bad arguments, paths or files print one line `semla-lab: error: ...` and exit with status 2.
 """
 from __future__ import annotations
@@ -131,9 +132,12 @@ def _eval_config(args, **over):
 def cmd_evaluate(args):
     from .experiments import METHODS, format_table, run_benchmark
     from .world.generate import target_domains
+    cfg, methods = _eval_config(args), args.methods or METHODS
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
     seg, clip, library = _bundle(args.library)
-    targets = args.targets or target_domains()
-    payload = run_benchmark(seg, clip, library, targets, args.methods or METHODS, _eval_config(args), args.out,
+    payload = run_benchmark(seg, clip, library, args.targets or target_domains(), methods, cfg, args.out,
                             progress=not args.quiet)
     print(format_table(payload["results"]))
     if args.out:
@@ -143,12 +147,26 @@ def cmd_evaluate(args):
 def cmd_ablate(args):
     from .experiments import ablation_grid, run_ablation
     from .world.generate import target_domains
-    seg, clip, library = _bundle(args.library)
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
                          max_images=[args.max_images], batch_size=[args.batch_size])
+    seg, clip, library = _bundle(args.library)
     table = run_ablation(seg, clip, library, args.targets or target_domains(), grid, args.methods, args.out,
                          progress=not args.quiet)
     print(table.to_string(index=False))
+
+
+def cmd_summarize(args):
+    from .experiments import aggregate_runs, semla_wins
+    payloads = []
+    for run_dir in args.runs:
+        path = Path(run_dir) / "results.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no results.json in {run_dir} (write one with `semla-lab evaluate --out`)")
+        payloads.append(json.loads(path.read_text()))
+    print(aggregate_runs(payloads).to_string())
+    wins = [semla_wins(p["results"]) for p in payloads if {"semla", "uniform"} <= set(p["results"])]
+    if wins:
+        print("SemLA > uniform on " + ", ".join(f"{w}/{n}" for w, n in wins) + " target domains")
 
 
 def cmd_train_adapter(args):
@@ -250,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     knobs(a, multi=True)
     a.add_argument("--methods", nargs="*", default=["semla"])
     a.set_defaults(func=cmd_ablate)
+
+    sm = sub.add_parser("summarize", help="mean and spread of several evaluate runs (e.g. adapter seeds)")
+    sm.add_argument("runs", nargs="+", help="output folders of `semla-lab evaluate`")
+    sm.set_defaults(func=cmd_summarize)
 
     t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
     t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")

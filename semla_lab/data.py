@@ -25,6 +25,10 @@ MANIFEST = "manifest.json"
 MAX_PIXELS = 4096 * 4096   # refuse decompression bombs; resize bigger images before use
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class DataError(ValueError):
     """A dataset, image or label file is missing or malformed; the message names the file."""
 
@@ -35,6 +39,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)          # mkstemp makes 0600 files; use the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

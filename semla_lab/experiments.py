@@ -271,3 +271,26 @@ def run_ablation(segmenter, clip: Clip, library, targets: list[str], configs: li
         atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
         atomic_write_bytes(out / "ablation_tidy.csv", pd.DataFrame(tidy).to_csv(index=False).encode())
     return table
+
+
+def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
+    """Mean and spread over runs (e.g. adapter training seeds) of each method's h-mean and mean mIoU,
+    plus the number of target domains where SemLA beats uniform."""
+    rows = []
+    for m in METHODS:
+        runs = [p["results"][m] for p in payloads if m in p["results"]]
+        if not runs:
+            continue
+        h = torch.tensor([r["hmean"] for r in runs])
+        mean = torch.tensor([r["mean"] for r in runs])
+        rows.append({"method": m, "runs": len(runs), "h-mean": round(h.mean().item(), 1),
+                     "h-mean std": round(h.std().item(), 1) if len(runs) > 1 else 0.0,
+                     "h-mean min": round(h.min().item(), 1), "h-mean max": round(h.max().item(), 1),
+                     "mean": round(mean.mean().item(), 1)})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def semla_wins(results: dict, over: str = "uniform") -> tuple[int, int]:
+    """(domains where SemLA beats `over`, domains compared)."""
+    a, b = results["semla"]["per_domain"], results[over]["per_domain"]
+    return sum(a[d] > b[d] for d in a), len(a)

@@ -107,3 +107,128 @@ def embedding_scatter(points: np.ndarray, labels: list[str], centroids: np.ndarr
     ax.set_yticks([])
     fig.tight_layout()
     return fig
+
+
+# -- notebooks 01-03
+def _as_hwc(image: torch.Tensor) -> np.ndarray:
+    img = image.float().div(255) if image.dtype == torch.uint8 else image.float()
+    return img.clamp(0, 1).permute(1, 2, 0).cpu().numpy()
+
+
+def image_grid(rows: dict[str, list[torch.Tensor]], col_titles: list[str] | None = None, cell: float = 1.3):
+    """A grid of (3, H, W) images: one row per entry of `rows` (label -> images), optional column titles."""
+    ncols = max(len(v) for v in rows.values())
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * cell + 1.1, len(rows) * cell + 0.25 * bool(col_titles)),
+                             squeeze=False)
+    for r, (label, images) in enumerate(rows.items()):
+        for c, image in enumerate(images):
+            axes[r, c].imshow(_as_hwc(image))
+        axes[r, 0].set_ylabel(label, rotation=0, ha="right", va="center", fontsize=8)
+    for c, title in enumerate(col_titles or []):
+        axes[0, c].set_title(title, fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.spines[:].set_visible(False)
+    fig.tight_layout(pad=0.2, w_pad=0.1, h_pad=0.1)
+    return fig
+
+
+def domain_bars(scores: dict[str, float], highlight: tuple[str, ...] = ("source",), ylabel: str = "mIoU",
+                title: str = "", figsize=(10, 3.2)):
+    """One bar per domain (in the given order); domains in `highlight` drawn in a contrasting colour."""
+    names = list(scores)
+    colors = ["tab:orange" if n in highlight else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.bar(range(len(names)), [scores[n] for n in names], color=colors)
+    ax.set_xticks(range(len(names)), names, rotation=75, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def prediction_grid(rows: list[tuple[str, torch.Tensor, dict[str, torch.Tensor]]], cell: float = 1.7):
+    """Several prediction_row's in one figure: each row is (label, (3, H, W) image, {title: (H, W) mask})."""
+    ncols = 1 + max(len(masks) for _, _, masks in rows)
+    fig, axes = plt.subplots(len(rows), ncols, figsize=(ncols * cell, len(rows) * cell), squeeze=False)
+    for r, (label, image, masks) in enumerate(rows):
+        axes[r, 0].imshow(_as_hwc(image))
+        axes[r, 0].set_ylabel(label, fontsize=8)
+        for c, (title, mask) in enumerate(masks.items(), start=1):
+            axes[r, c].imshow(colorize(mask))
+            if r == 0:
+                axes[r, c].set_title(title, fontsize=8)
+    axes[0, 0].set_title("image", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+# -- notebooks 04-06
+def annotate_points(fig, points: np.ndarray, labels: list[str], fontsize: int = 7):
+    """Write each label next to its 2-D point (e.g. the centroid stars of embedding_scatter) on the
+    figure's first axes; returns the figure."""
+    ax = fig.axes[0]
+    for (x, y), text in zip(np.asarray(points), labels):
+        ax.annotate(text, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=fontsize)
+    return fig
+
+
+def distance_bars(dist: pd.Series, chosen: list[str], excluded: list[str] = (), title: str = "", ax=None):
+    """Distances from one query to every centroid (Series name -> distance), nearest first; the chosen
+    (top-K) domains in colour, excluded ones hatched. Returns the figure."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 2.8))
+    dist = dist.sort_values()
+    colors = ["tab:orange" if n in chosen else "lightgrey" for n in dist.index]
+    bars = ax.bar(range(len(dist)), dist.values, color=colors, edgecolor="k", linewidth=0.4)
+    for bar, name in zip(bars, dist.index):
+        if name in excluded:
+            bar.set_hatch("///")
+            bar.set_facecolor("white")
+    ax.set_xticks(range(len(dist)), dist.index, rotation=75, fontsize=7)
+    ax.set_ylabel("distance")
+    ax.set_title(title, fontsize=9)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def weights_vs_tau_plot(tables: dict[str, pd.DataFrame], default_tau: float = 0.05, figsize=(10, 3)):
+    """One panel per query: the weight of each retrieved adapter (rank 1..K, nearest first) against
+    tau (log axis), from analysis.weights_vs_tau; a dotted line marks the paper's tau."""
+    fig, axes = plt.subplots(1, len(tables), figsize=figsize, squeeze=False, sharey=True)
+    for ax, (title, table) in zip(axes[0], tables.items()):
+        for col in table.columns:
+            ax.plot(table.index, table[col], marker=".", label=col)
+        ax.axvline(default_tau, color="k", linestyle=":", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("tau")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    axes[0, 0].set_ylabel("fusion weight")
+    fig.tight_layout()
+    return fig
+
+
+def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float] | None = None,
+                    y: str = "hmean", log_x: tuple[str, ...] = ("tau",), figsize=(9, 3)):
+    """One panel per knob (knob -> run_ablation rows varying only that knob): y against the knob's
+    values, with horizontal reference lines (e.g. zero-shot and oracle h-mean)."""
+    fig, axes = plt.subplots(1, len(tables), figsize=figsize, squeeze=False, sharey=True)
+    for ax, (knob, table) in zip(axes[0], tables.items()):
+        ax.plot(table[knob], table[y], marker="o", color="tab:orange", label="SemLA")
+        for i, (name, value) in enumerate((references or {}).items()):
+            ax.axhline(value, linestyle="--", linewidth=1, color=f"C{i}", label=name)
+        if knob in log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(list(table[knob]), [f"{v:g}" for v in table[knob]])
+        ax.minorticks_off()
+        ax.set_xlabel(knob)
+    axes[0, 0].set_ylabel(y)
+    axes[0, -1].legend(fontsize=7)
+    fig.tight_layout()
+    return fig

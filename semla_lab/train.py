@@ -45,6 +45,24 @@ def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
         pos += batch
 
 
+def _fit(step_loss, opt: torch.optim.Optimizer, steps: int, n: int, batch: int, gen: torch.Generator, desc: str,
+         progress: bool) -> float:
+    """`steps` AdamW steps under a one-cycle schedule; `step_loss(idx)` is the loss of one batch of
+    sample indices. Returns the mean loss over the last tenth of the steps."""
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [g["lr"] for g in opt.param_groups], total_steps=steps,
+                                                pct_start=0.1)
+    losses = []
+    for idx in tqdm(list(_batches(n, batch, steps, gen)), desc=desc, disable=not progress, leave=False):
+        loss = step_loss(idx)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    tail = losses[-max(1, steps // 10):]
+    return sum(tail) / len(tail)
+
+
 @dataclass
 class ClipTrainConfig:
     steps: int = 300
@@ -63,27 +81,22 @@ def pretrain_clip(clip: Clip, cfg: ClipTrainConfig = ClipTrainConfig(), device=N
     tokens = clip.tokenizer(captions)
     model = clip.model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
-    losses = []
-    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="CLIP", disable=not progress):
-        img = prepare_images(images[idx].to(device), clip)
-        img_f = F.normalize(model.encode_image(img), dim=-1)
+
+    def step_loss(idx):
+        img_f = F.normalize(model.encode_image(prepare_images(images[idx].to(device), clip)), dim=-1)
         txt_f = F.normalize(model.encode_text(tokens[idx].to(device)), dim=-1)
         logits = model.logit_scale.exp().clamp(max=100) * img_f @ txt_f.T
         target = torch.arange(len(idx), device=device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "CLIP", progress)
     model.eval()
-    return {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+    return {"config": asdict(cfg), "final_loss": loss}
 
 
 @dataclass
 class SegTrainConfig:
-    steps: int = 300
+    steps: int = 800
     batch: int = 32
     lr_visual: float = 3e-4
     lr_head: float = 3e-3
@@ -96,30 +109,31 @@ def segmentation_loss(model, images, labels, text) -> torch.Tensor:
 
 
 def train_base_segmenter(segmenter: OVSegmenter, clip: Clip, images: torch.Tensor, labels: torch.Tensor,
-                         class_names: list[str], cfg: SegTrainConfig = SegTrainConfig(), device=None,
+                         names: list[list[str]], cfg: SegTrainConfig = SegTrainConfig(), device=None,
                          progress=True) -> dict:
-    """Tune the visual tower and train the head on source images (uint8 (N, 3, H, W), labels (N, H, W))."""
+    """Tune the visual tower and train the head on source images (uint8 (N, 3, H, W), labels (N, H, W)).
+    `names[c]` lists the names class c may go by; each step draws one per class (vocabulary
+    augmentation), so the head learns the text embedding space rather than one set of names."""
     device = resolve_device(device)
     gen = seed_everything(cfg.seed)
-    text = embed_class_names(clip, class_names, device=device).to(device)
+    flat = [n for group in names for n in group]
+    table = embed_class_names(clip, flat, device=device).to(device)                 # (sum of names, D)
+    offsets = torch.tensor([0] + [len(g) for g in names]).cumsum(0)[:-1]
+    sizes = torch.tensor([len(g) for g in names])
     model = segmenter.to(device).train()
     opt = torch.optim.AdamW([{"params": model.visual.parameters(), "lr": cfg.lr_visual},
                              {"params": model.head.parameters(), "lr": cfg.lr_head}], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, [cfg.lr_visual, cfg.lr_head], total_steps=cfg.steps,
-                                                pct_start=0.1)
-    losses = []
-    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="segmenter", disable=not progress):
+
+    def step_loss(idx):
         x, y = hflip(images[idx].float().div(255), labels[idx], gen)
         if cfg.augment:
             x = photometric_augment(x, gen)
-        loss = segmentation_loss(model, x.to(device), y.to(device), text)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        pick = offsets + (torch.rand(len(names), generator=gen) * sizes).long()
+        return segmentation_loss(model, x.to(device), y.to(device), table[pick.to(device)])
+
+    loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "segmenter", progress)
     model.eval()
-    return {"config": asdict(cfg), "final_loss": sum(losses[-20:]) / min(20, len(losses))}
+    return {"config": asdict(cfg), "final_loss": loss}
 
 
 @dataclass
@@ -146,21 +160,14 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
     gen = seed_everything(cfg.seed)
     model = get_peft_model(copy.deepcopy(segmenter).to(device), cfg.lora_config(base_model))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     text = text.to(device)
-    losses = []
-    for idx in tqdm(list(_batches(len(images), cfg.batch, cfg.steps, gen)), desc="adapter", disable=not progress,
-                    leave=False):
+
+    def step_loss(idx):
         x, y = hflip(images[idx].float().div(255), labels[idx], gen)
-        loss = segmentation_loss(model, x.to(device), y.to(device), text)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
+        return segmentation_loss(model, x.to(device), y.to(device), text)
+
+    loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "adapter", progress)
     model.eval()
     model.save_pretrained(str(out_dir))
-    return {"config": {k: v for k, v in asdict(cfg).items()},
-            "final_loss": sum(losses[-10:]) / min(10, len(losses))}
+    return {"config": asdict(cfg), "final_loss": loss}

@@ -118,3 +118,24 @@ def test_predictor_explains_its_choice(bundle):
     assert len(chosen) == 5 and "acdc_night" not in [c[0] for c in chosen]
     assert chosen[0][1] <= chosen[-1][1] and chosen[0][2] >= chosen[-1][2]
     assert not torch.equal(p.logits(target.class_names), p.logits(target.class_names, adapt=False))
+
+
+def test_segmenter_transfers_to_names_it_never_trained_with(bundle):
+    """Open vocabulary: held-out synonyms (never used in base training, only seen by CLIP in
+    captions) work far better than chance and than the same names assigned to the wrong classes."""
+    from semla_lab.experiments import evaluate_model
+    from semla_lab.world.concepts import HELD_OUT_NAMES
+    from semla_lab.world.generate import generate
+    from semla_lab.world.spec import validate_spec
+    seg, clip, _ = bundle
+    held_out = {"road": "roadway", "sidewalk": "footpath", "building": "facade", "grass": "lawn",
+                "car": "automobile", "person": "human", "sky": "sky", "vegetation": "bush", "pole": "post"}
+    assert {"roadway", "footpath", "facade", "lawn", "automobile", "human"} <= HELD_OUT_NAMES
+    base = {"name": "synonyms", "dataset": "x", "scene": "street", "seed": 7, "vocabulary": held_out}
+    right = generate(validate_spec(base), "test", 48)
+    names = list(held_out.values())
+    shuffled = dict(zip(held_out, names[3:] + names[:3]))      # every concept gets another's name
+    wrong = generate(validate_spec({**base, "vocabulary": shuffled}), "test", 48)
+    right_miou, wrong_miou = evaluate_model(seg, clip, right), evaluate_model(seg, clip, wrong)
+    chance = 100 / len(names) / 2        # IoU of uniform random guessing is below 1/(2T) per class
+    assert right_miou > 3 * chance and right_miou > wrong_miou + 10, (right_miou, wrong_miou)

@@ -129,3 +129,51 @@ def test_bad_selection_rejected(setup):
     with pytest.raises(ValueError, match="fusion"):
         with fused.select(torch.tensor([[0]]), torch.tensor([[1.0]]), "ties"):
             pass
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from semla_lab.fusion import FusedLoRALinear  # noqa: E402
+
+
+def _layer(L=4, r=2, d_in=6, d_out=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.nn.Linear(d_in, d_out)
+    A, B = torch.randn(L, r, d_in, generator=g), torch.randn(L, d_out, r, generator=g)
+    state = {}
+    return FusedLoRALinear(base, A, B, torch.full((L,), 2.0), state), state
+
+
+weights_st = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=3, max_size=3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(w1=weights_st, w2=weights_st, a=st.floats(-2, 2), b=st.floats(-2, 2))
+def test_property_fused_delta_linear_in_weights(w1, w2, a, b):
+    from semla_lab.fusion import Selection
+    layer, state = _layer()
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    idx = torch.tensor([[0, 2, 3]] * 2)
+
+    def delta(w):
+        state["selection"] = Selection(idx, torch.tensor([w] * 2, dtype=torch.float32))
+        try:
+            return layer(x) - layer.base(x)
+        finally:
+            state.pop("selection")
+    combined = delta([a * u + b * v for u, v in zip(w1, w2)])
+    assert torch.allclose(combined, a * delta(w1) + b * delta(w2), atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(w=weights_st)
+def test_property_fused_delta_is_sum_of_weighted_dw(w):
+    """delta = x (sum_i w_i s_i B_i A_i)^T, the cat-fused weight update."""
+    from semla_lab.fusion import Selection
+    layer, state = _layer()
+    x = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(2))
+    idx = torch.tensor([[3, 0, 1]])
+    state["selection"] = Selection(idx, torch.tensor([w], dtype=torch.float32))
+    out = layer(x) - layer.base(x)
+    dW = sum(wi * 2.0 * layer.B[i] @ layer.A[i] for wi, i in zip(w, idx[0].tolist()))
+    assert torch.allclose(out, x @ dW.T, atol=1e-4)

@@ -1,0 +1,265 @@
+"""Retrieval: latency per query of semla_lab.retrieval.retrieve (one query, and a batch of 64) and memory
+(centroid matrix bytes, peak RSS growth) for synthetic libraries of 10 ... 100,000 unit-norm centroids at
+D=64 (the tiny CLIP) and D=512 (ViT-B/16 CLIP), K=5, euclidean distance. Target: < 1 ms per single query at
+10,000 centroids on a CPU.
+
+Where retrieve() spends its time at 10,000 centroids is broken down, and a proposed fast path is measured
+next to it (validate the centroids once, one GEMM + top-k preselection, exact distances for the candidates:
+same indices and weights). Then opening a library of 1,000 adapters lazily (index + centroids) against
+loading every adapter's weights eagerly, in time and memory.
+
+    python benchmarks/bench_retrieval.py [--quick] [--device cuda] [--json out.json]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import tempfile
+import tracemalloc
+from pathlib import Path
+
+from common import (PeakRSS, fmt_bytes, fmt_s, fmt_x, measure, parser, payload, setup, table, target_lines,
+                    write_json)
+
+import torch
+import torch.nn.functional as F
+
+from semla_lab.retrieval import (RetrievalConfig, _check_finite, distances, retrieve, softmax_weights, top_k)
+
+SIZES = (10, 100, 1_000, 10_000, 100_000)
+DIMS = (64, 512)
+BATCH = 64
+TARGET_S, TARGET_L = 1e-3, 10_000
+CONFIG = RetrievalConfig(k=5, tau=0.05)
+
+
+def library(n: int, dim: int, device: torch.device, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, dim, generator=g), dim=-1).to(device), [f"domain{i:06d}" for i in range(n)]
+
+
+def queries(q: int, dim: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(q, dim, generator=g), dim=-1).to(device)
+
+
+def reps_for(seconds: float, budget: float) -> int:
+    """Timed runs filling about `budget` seconds: at least 5 (3 for the small --quick budget), at most 200."""
+    return int(min(200, max(3 if budget < 0.1 else 5, budget / max(seconds, 1e-6))))
+
+
+# ---- the proposed fast path (benchmark-local; see README "proposed package changes") -----------------------
+
+class PreparedCentroids:
+    """What retrieve() re-does on every call, done once: centroids validated (finite, names unique) and their
+    squared norms kept. A query is one GEMM for approximate squared distances, top-(K+8) preselection, then
+    exact distances (cdist without the mm trick, as retrieve()) for the candidates and a stable sort, so the
+    indices, tie-breaking and weights match retrieve(); the returned `distances` row is approximate
+    (GEMM) outside the candidates."""
+
+    MARGIN = 8
+
+    def __init__(self, centroids: torch.Tensor, names: list[str], dtype: torch.dtype | None = None):
+        _check_finite(centroids, "centroids")
+        if len(set(names)) != len(names) or len(names) != centroids.shape[0]:
+            raise ValueError("names must be unique, one per centroid")
+        self.c, self.names = centroids.contiguous(), list(names)
+        self.sq = (self.c * self.c).sum(1)
+        self.c_pre = self.c if dtype is None else self.c.to(dtype)     # optional low-precision copy for the GEMM
+
+    def retrieve(self, q: torch.Tensor, config: RetrievalConfig = CONFIG):
+        _check_finite(q, "queries")
+        if self.c_pre.dtype == self.c.dtype:
+            d2 = torch.addmm(self.sq, q, self.c.T, alpha=-2)
+        else:                                                                 # low-precision GEMM, fp32 sums
+            d2 = (q.to(self.c_pre.dtype) @ self.c_pre.T).to(self.c.dtype).mul_(-2).add_(self.sq)
+        d2 += (q * q).sum(1, keepdim=True)                                    # (Q, L) approximate squared distances
+        m = min(self.c.shape[0], config.k + self.MARGIN)
+        cand = torch.topk(d2, m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        exact = (q[:, None, :] - self.c[cand]).pow(2).sum(-1).sqrt()        # (Q, m), ascending index order
+        vals, pos = exact.sort(dim=1, stable=True)                            # ties -> lower index
+        idx = cand.gather(1, pos)[:, :config.k]
+        return idx, softmax_weights(vals[:, :config.k], config.tau), d2.clamp_min_(0).sqrt_()
+
+
+# ---- latency and memory -------------------------------------------------------------------------------------
+
+def measure_size(n: int, dim: int, device: torch.device, budget: float) -> dict:
+    with PeakRSS() as build_mem:
+        c, names = library(n, dim, device)
+    q1, qb = queries(1, dim, device), queries(BATCH, dim, device)
+    first = measure(lambda: retrieve(q1, c, names, CONFIG), device, 1, 1).median
+    t1 = measure(lambda: retrieve(q1, c, names, CONFIG), device, reps_for(first, budget), 2).median
+    firstb = measure(lambda: retrieve(qb, c, names, CONFIG), device, 1, 1).median
+    with PeakRSS() as call_mem:
+        retrieve(qb, c, names, CONFIG)
+    tb = measure(lambda: retrieve(qb, c, names, CONFIG), device, reps_for(firstb, budget), 1).median
+    prepared = PreparedCentroids(c, names)
+    tp = measure(lambda: prepared.retrieve(q1), device, reps_for(t1, budget), 2).median
+    return {"n_centroids": n, "dim": dim, "single_query_s": t1, "batch64_per_query_s": tb / BATCH,
+            "batch64_s": tb, "proposed_single_query_s": tp, "proposed_speedup": t1 / tp,
+            "centroid_bytes": c.numel() * c.element_size(), "peak_rss_build_bytes": build_mem.delta,
+            "peak_rss_batch64_call_bytes": call_mem.delta}
+
+
+def breakdown(dim: int, device: torch.device, budget: float, n: int = TARGET_L) -> list[dict]:
+    """retrieve() at n centroids, one query, split into its steps; then the proposed path and its variants."""
+    c, names = library(n, dim, device)
+    q = queries(1, dim, device)
+    d = distances(q, c)
+    vals, idx = top_k(d, CONFIG.k)
+    steps = {
+        "retrieve() total": lambda: retrieve(q, c, names, CONFIG),
+        "  validation: isfinite over all centroids (every call)": lambda: _check_finite(c, "centroids"),
+        "  validation: names unique, exclude mask (every call)": lambda: (len(set(names)), torch.zeros(n, dtype=torch.bool)),
+        "  distances(): validation + exact cdist": lambda: distances(q, c),
+        "    of which torch.cdist(donot_use_mm) alone": lambda: torch.cdist(q, c, compute_mode="donot_use_mm_for_euclid_dist"),
+        "  top_k(): full stable sort of L distances": lambda: top_k(d, CONFIG.k),
+        "  softmax_weights()": lambda: softmax_weights(vals, CONFIG.tau),
+        "bandwidth floor: one read of the centroid matrix (c.sum())": lambda: c.sum(),
+    }
+    prepared = PreparedCentroids(c, names)
+    steps["proposed: PreparedCentroids.retrieve (fp32 GEMM + top-13 + exact)"] = lambda: prepared.retrieve(q)
+    variants = {"proposed": prepared}
+    half = PreparedCentroids(c, names, torch.float16)
+    variants["proposed, fp16 copy for the GEMM"] = half
+    steps["proposed, fp16 copy of the centroids for the GEMM (+50% memory)"] = lambda: half.retrieve(q)
+    t = {name: measure(fn, device, reps_for(measure(fn, device, 1, 1).median, budget), 2).median
+         for name, fn in steps.items()}
+    total = t["retrieve() total"]
+    # the fast path must give retrieve()'s answer: check on 256 queries
+    qs = queries(256, dim, device, seed=7)
+    ref = retrieve(qs, c, names, CONFIG)
+    agree = {}
+    for name, v in variants.items():
+        i2, w2, _ = v.retrieve(qs)
+        agree[name] = bool(torch.equal(i2, ref.indices) and torch.allclose(w2, ref.weights, atol=1e-6))
+    rows = [{"dim": dim, "n_centroids": n, "step": name, "time_s": s, "share_of_retrieve": s / total,
+             "speedup_vs_retrieve": total / s if name.startswith("proposed") else None} for name, s in t.items()]
+    for r in rows:
+        if r["step"].startswith("proposed"):
+            key = "proposed" if "fp16" not in r["step"] else "proposed, fp16 copy for the GEMM"
+            r["same_result_256_queries"] = agree[key]
+    return rows
+
+
+# ---- lazy library open --------------------------------------------------------------------------------------
+
+def prototype_adapter(folder: Path) -> None:
+    """One real peft adapter folder for the tiny segmenter (r=8, alpha=16 on LORA_TARGETS)."""
+    from peft import LoraConfig, get_peft_model
+    from common import segmenter as make_segmenter
+    from semla_lab.segmenter import LORA_TARGETS
+    seg, _, _ = make_segmenter("tiny", torch.device("cpu"))
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False)
+    get_peft_model(copy.deepcopy(seg), cfg).save_pretrained(folder, save_embedding_layers=False)
+
+
+def write_library(root: Path, n: int, dim: int = 64) -> int:
+    """A library folder in library.py's on-disk layout with `n` copies of one real adapter (written directly:
+    AdapterLibrary.add rewrites the index on every call). Returns the bytes written."""
+    from safetensors.torch import save_file
+    from semla_lab.segmenter import LORA_TARGETS
+    proto = root.parent / "prototype"
+    prototype_adapter(proto)
+    names = [f"domain{i:04d}" for i in range(n)]
+    (root / "adapters").mkdir(parents=True)
+    for name in names:
+        shutil.copytree(proto, root / "adapters" / name)
+    centroids, _ = library(n, dim, torch.device("cpu"))
+    save_file({name: centroids[i].clone() for i, name in enumerate(names)}, root / "centroids-1.safetensors")
+    index = {"format": 1, "version": 1, "embedder": {"model": "semla-tiny-clip", "pretrained": "random",
+                                                      "image_size": 64, "normalize": True, "dim": dim},
+             "base_model": None, "lora": {"r": 8, "lora_alpha": 16, "target_modules": LORA_TARGETS},
+             "centroids_file": "centroids-1.safetensors",
+             "domains": [{"name": name, "num_images": 100, "metadata": {}, "adapter": f"adapters/{name}"}
+                         for name in names]}
+    (root / "index.json").write_text(json.dumps(index, indent=2))
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def open_lazy(root: Path):
+    from semla_lab.library import AdapterLibrary
+    return AdapterLibrary(root)
+
+
+def open_eager(root: Path):
+    lib = open_lazy(root)
+    return lib, {name: lib.load_adapter_state(name) for name in lib.names()}
+
+
+def lazy_vs_eager(n: int, device: torch.device, quick: bool) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="semla-bench-") as tmp:
+        root = Path(tmp) / "library"
+        disk = write_library(root, n)
+        lib = open_lazy(root)
+        assert len(lib) == n and lib.centroids().shape == (n, 64) and lib.load_adapter_state(lib.names()[0])
+        t_lazy = measure(lambda: open_lazy(root), device, 3 if quick else 7).median
+        t_eager = measure(lambda: open_eager(root), device, 1 if quick else 3).median
+        rows = []
+        for name, fn, t in (("open lazily: AdapterLibrary(root) (index + centroids)", open_lazy, t_lazy),
+                            ("open eagerly: AdapterLibrary(root) + load_adapter_state() for every adapter",
+                             open_eager, t_eager)):
+            tracemalloc.start()
+            with PeakRSS() as mem:
+                obj = fn(root)
+            py_peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            tensors = obj[1] if isinstance(obj, tuple) else {}
+            weight_bytes = sum(t.numel() * t.element_size() for s in tensors.values() for t in s.values())
+            rows.append({"n_adapters": n, "measured": name, "time_s": t, "ratio_to_lazy": t / t_lazy,
+                         "peak_rss_bytes": mem.delta, "retained_rss_bytes": mem.retained,
+                         "python_heap_peak_bytes": py_peak, "adapter_weight_bytes": weight_bytes,
+                         "library_disk_bytes": disk})
+            del obj, tensors
+    return rows
+
+
+def main(argv=None) -> dict:
+    p = parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    device = setup(args)
+    sizes = (100, TARGET_L) if args.quick else SIZES
+    budget = 0.03 if args.quick else 0.4           # seconds of timed runs per measurement
+    print(f"Retrieval on {device} ({torch.get_num_threads()} torch thread(s)), K={CONFIG.k}, euclidean; "
+          "medians after warm-up.\n")
+    rows = [measure_size(n, dim, device, budget) for dim in DIMS for n in sizes]
+    print(table(rows, [("n_centroids", "centroids", lambda v: f"{v:,}"), ("dim", "D", None),
+                       ("single_query_s", "1 query", fmt_s), ("batch64_per_query_s", "per query (batch 64)", fmt_s),
+                       ("proposed_single_query_s", "1 query, proposed", fmt_s),
+                       ("proposed_speedup", "speed-up", fmt_x), ("centroid_bytes", "centroid matrix", fmt_bytes),
+                       ("peak_rss_build_bytes", "peak RSS +, build", fmt_bytes),
+                       ("peak_rss_batch64_call_bytes", "peak RSS +, batch-64 call", fmt_bytes)],
+                title="retrieve() latency and memory") + "\n")
+    steps = [r for dim in DIMS for r in breakdown(dim, device, budget)]
+    print(table(steps, [("step", f"where retrieve() spends its time, {TARGET_L:,} centroids, 1 query", None),
+                        ("dim", "D", None), ("time_s", "time", fmt_s),
+                        ("share_of_retrieve", "of retrieve()", lambda v: f"{v:.0%}"),
+                        ("speedup_vs_retrieve", "speed-up", fmt_x),
+                        ("same_result_256_queries", "same top-K + weights", None)]) + "\n")
+    targets = []
+    for dim in DIMS:
+        r = next(r for r in rows if r["n_centroids"] == TARGET_L and r["dim"] == dim)
+        prop = next(s for s in steps if s["dim"] == dim and s["step"].startswith("proposed: "))
+        targets.append({"name": f"retrieve() single query, {TARGET_L:,} centroids, D={dim}, {device.type}",
+                        "goal": "< 1 ms", "measured": fmt_s(r["single_query_s"]) +
+                        f" (proposed fast path: {fmt_s(prop['time_s'])})", "value": r["single_query_s"],
+                        "met": r["single_query_s"] < TARGET_S})
+    n_lib = 100 if args.quick else 1000
+    lib_rows = lazy_vs_eager(n_lib, device, args.quick)
+    print(table(lib_rows, [("measured", f"library of {n_lib:,} adapters (tiny segmenter, r=8; disk "
+                            f"{fmt_bytes(lib_rows[0]['library_disk_bytes'])}; warm page cache)", None),
+                           ("time_s", "time", fmt_s), ("ratio_to_lazy", "x lazy", fmt_x),
+                           ("peak_rss_bytes", "peak RSS +", fmt_bytes), ("retained_rss_bytes", "retained RSS +", fmt_bytes),
+                           ("python_heap_peak_bytes", "python heap peak", fmt_bytes),
+                           ("adapter_weight_bytes", "weights in memory", fmt_bytes)]) + "\n")
+    print(target_lines(targets))
+    out = payload("retrieval", device, args.quick, rows, targets, breakdown=steps, library_open=lib_rows,
+                  k=CONFIG.k, batch=BATCH)
+    write_json(args.json, out)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Smoke test of benchmarks/: `run_all.py --quick` exits 0 and writes every benchmark's JSON with the expected
+keys (the numbers themselves depend on the machine and are not checked, except that they are finite and the
+fused and official paths agree). About 30 s on an idle 2-core machine."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOP = {"benchmark", "env", "quick", "rows", "targets"}
+EXTRA = {"adaptation": {"embedder", "fusion", "profile", "candidates"}, "hetero_batch": {"notes"},
+         "embedding": set(), "retrieval": {"breakdown", "library_open"}}
+ROW = {"adaptation": {"model", "batch", "measured", "median_s", "per_image_s", "ratio_to_base", "how"},
+       "hetero_batch": {"model", "n", "method", "total_s", "per_image_s", "images_per_s", "fused_batch_speedup",
+                        "max_abs_diff"},
+       "embedding": {"model", "image_size", "n_images", "mode", "total_s", "images_per_s",
+                     "speedup_vs_one_per_call"},
+       "retrieval": {"n_centroids", "dim", "single_query_s", "batch64_per_query_s", "proposed_single_query_s",
+                     "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"}}
+TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s"}
+
+
+@pytest.mark.slow
+def test_run_all_quick_writes_every_json(tmp_path):
+    env = {**os.environ, "SEMLA_THREADS": "1", "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--quick", "--device", "cpu",
+                           "--json-dir", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "TARGET" in proc.stdout
+    for name, extra in EXTRA.items():
+        data = json.loads((tmp_path / f"{name}.json").read_text())
+        assert TOP | extra <= set(data), f"{name}: missing {TOP | extra - set(data)}"
+        assert data["benchmark"] == name and data["quick"] is True and data["env"]["device"] == "cpu"
+        assert data["rows"], f"{name}: no rows"
+        for row in data["rows"]:
+            assert ROW[name] <= set(row), f"{name}: row lacks {ROW[name] - set(row)}"
+            assert math.isfinite(row[TIME[name]]) and row[TIME[name]] > 0
+        for target in data["targets"]:
+            assert {"name", "goal", "measured", "met"} <= set(target)
+    hetero = json.loads((tmp_path / "hetero_batch.json").read_text())["rows"]
+    assert all(r["max_abs_diff"] is None or r["max_abs_diff"] < 1e-3 for r in hetero), \
+        "one fused batch must give what one image at a time and the official peft path give"
+    adaptation = json.loads((tmp_path / "adaptation.json").read_text())
+    assert {t["name"] for t in adaptation["targets"]} >= {"fusion step tiny batch 1", "fusion step tiny batch 16"}

@@ -1,0 +1,58 @@
+"""The semla-lab command: world, the build recipe (quick), training commands, and one-line errors."""
+import json
+
+import pytest
+
+from semla_lab.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_world_summary_lists_every_domain(capsys):
+    code, out, _ = run(capsys, "world", "--summary", "--count", "8")
+    assert code == 0
+    for name in ("source", "acdc_fog", "muses_snow_night", "nyu", "coconut"):
+        assert name in out
+    assert "pixel shares" in out
+
+
+def test_world_writes_dataset_and_preview(capsys, tmp_path):
+    code, out, _ = run(capsys, "world", "nyu", "--out", str(tmp_path), "--count", "3", "--splits", "test",
+                       "--preview", str(tmp_path / "p.png"), "--per-domain", "2")
+    assert code == 0 and (tmp_path / "p.png").stat().st_size > 1000
+    manifest = json.loads((tmp_path / "nyu" / "manifest.json").read_text())
+    assert len(manifest["samples"]) == 3 and manifest["classes"][0] == "wall"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["world", "atlantis"], "unknown domain 'atlantis'"),
+    (["world", "missing.yaml"], "not found"),
+    (["evaluate", "--library", "/nonexistent/lib"], "/nonexistent/lib"),
+    (["evaluate", "--k", "0", "--targets", "nyu"], "k"),
+    (["evaluate", "--tau", "-1", "--targets", "nyu"], "tau"),
+    (["evaluate", "--targets", "nyu", "--methods", "magic"], "unknown method"),
+    (["evaluate", "--targets", "real:acdc_fog"], "SEMLA_"),
+])
+def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
+    monkeypatch.setenv("SEMLA_DATA_ROOT", str(tmp_path))
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("semla-lab: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
+    """The `make assets` recipe with a few steps per stage: proves it still works."""
+    code, out, _ = run(capsys, "build", "all", "--quick", "--quiet", "--out", str(tmp_path))
+    assert code == 0
+    for name in ("tiny_clip.safetensors", "segmenter.safetensors", "manifest.json", "library/index.json"):
+        assert (tmp_path / name).is_file(), name
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert set(manifest) == {"tiny_clip", "segmenter", "library"}
+    assert 0 <= manifest["tiny_clip"]["nearest_centroid_accuracy"] <= 1
+    from semla_lab.library import AdapterLibrary
+    assert AdapterLibrary(tmp_path / "library").names() == ["cityscapes", "acdc_fog"]

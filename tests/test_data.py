@@ -1,0 +1,124 @@
+"""The shared dataset format: round trip, and every kind of bad image, label or manifest."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from semla_lab.data import (DataError, SegmentationDataset, read_image, read_label, read_manifest,
+                            write_dataset)
+from semla_lab.world.generate import generate, shipped_domains
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    spec = shipped_domains()["ade"]
+    data = generate(spec, "test", 5)
+    samples = [{"id": data.ids[i], "image": data.images[i], "label": data.labels[i], "split": "test",
+                "domain": spec.name} for i in range(5)]
+    return write_dataset(tmp_path / "ade", spec.name, spec.class_names, samples), data
+
+
+def test_round_trip_is_exact(dataset):
+    root, data = dataset
+    ds = SegmentationDataset(root, split="test")
+    assert len(ds) == 5 and ds.classes == data.class_names
+    item = ds[2]
+    assert torch.equal((item["image"] * 255).round().to(torch.uint8), data.images[2])
+    assert torch.equal(item["label"], data.labels[2].long())
+    assert item["id"] == data.ids[2] and item["domain"] == "ade"
+
+
+def test_filters_and_empty_selection(dataset):
+    root, _ = dataset
+    with pytest.raises(DataError, match="no samples"):
+        SegmentationDataset(root, split="train")
+
+
+def test_missing_folder_and_manifest(tmp_path):
+    with pytest.raises(DataError, match="dataset folder not found"):
+        SegmentationDataset(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no manifest.json"):
+        SegmentationDataset(tmp_path / "empty")
+
+
+def test_duplicate_ids_and_malformed_manifest(dataset):
+    root, _ = dataset
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["samples"].append(manifest["samples"][0])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="duplicate sample ids"):
+        read_manifest(root)
+    (root / "manifest.json").write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_manifest(root)
+    (root / "manifest.json").write_text(json.dumps({"classes": []}))
+    with pytest.raises(DataError, match="samples"):
+        read_manifest(root)
+
+
+def _save(path, array, mode=None):
+    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["gray", "rgba", "palette", "16bit"])
+def test_image_modes_are_converted(tmp_path, kind):
+    rng = np.random.default_rng(0)
+    if kind == "gray":
+        path = _save(tmp_path / "g.png", rng.integers(0, 255, (6, 5), dtype=np.uint8))
+    elif kind == "rgba":
+        path = _save(tmp_path / "a.png", rng.integers(0, 255, (6, 5, 4), dtype=np.uint8))
+    elif kind == "palette":
+        path = tmp_path / "p.png"
+        Image.fromarray(rng.integers(0, 255, (6, 5, 3), dtype=np.uint8)).convert("P").save(path)
+    else:
+        path = tmp_path / "w.png"
+        Image.fromarray(rng.integers(0, 65535, (6, 5), dtype=np.uint16)).save(path)
+    img = read_image(path)
+    assert img.shape == (3, 6, 5) and img.dtype == torch.float32
+    assert 0 <= img.min() and img.max() <= 1
+
+
+def test_unreadable_truncated_and_non_image_files(tmp_path):
+    good = _save(tmp_path / "good.png", np.zeros((8, 8, 3), dtype=np.uint8))
+    truncated = tmp_path / "trunc.png"
+    truncated.write_bytes(good.read_bytes()[:30])
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name in ("trunc.png", "notes.txt", "empty.png"):
+        with pytest.raises(DataError, match="cannot read image"):
+            read_image(tmp_path / name)
+    with pytest.raises(DataError, match="not found"):
+        read_image(tmp_path / "missing.png")
+
+
+def test_huge_image_refused(tmp_path, monkeypatch):
+    import semla_lab.data as data
+    monkeypatch.setattr(data, "MAX_PIXELS", 100)
+    path = _save(tmp_path / "big.png", np.zeros((20, 20, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="pixel limit"):
+        read_image(path)
+
+
+def test_bad_labels(tmp_path):
+    lab = _save(tmp_path / "l.png", np.array([[0, 1], [255, 2]], dtype=np.uint8))
+    assert read_label(lab, 3).tolist() == [[0, 1], [255, 2]]
+    with pytest.raises(DataError, match=r"ids \[2\] outside the 2 classes"):
+        read_label(lab, 2)
+    with pytest.raises(DataError, match="but its image is"):
+        read_label(lab, 3, size=(4, 4))
+    rgb = _save(tmp_path / "rgb.png", np.zeros((2, 2, 3), dtype=np.uint8))
+    with pytest.raises(DataError, match="mode RGB"):
+        read_label(rgb, 3)
+
+
+def test_dataset_item_with_mismatched_label_names_both(dataset):
+    root, _ = dataset
+    ds = SegmentationDataset(root)
+    label_path = root / ds.samples[0]["label"]
+    _save(label_path, np.zeros((10, 10), dtype=np.uint8))
+    with pytest.raises(DataError, match="10x10 but its image is 64x64"):
+        ds[0]
