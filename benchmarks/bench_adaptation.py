@@ -18,13 +18,12 @@ fixes (cheaper embedding, reusing the segmenter's encoder, a faster fused layer,
 """
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from common import (MODELS, T_CLASSES, fmt_s, fmt_x, inputs, measure, measure_interleaved, paired_difference,
-                    paired_ratio, parser, payload, peft_merge_only, quiet_stderr, random_library, segmenter, setup, sync, table, target_lines, tiny_clip,
-                    write_json)
+                    paired_ratio, parser, payload, peft_merge_only, quiet_stderr, random_library, segmenter, setup,
+                    sync, table, target_lines, tiny_clip, write_json)
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +64,11 @@ def plan(kind: str, batch: int, device: torch.device, quick: bool) -> Plan:
     if device.type == "cuda":
         return Plan(reps=10, warmup=3, official=3)
     if kind == "tiny":
-        return Plan(reps=3, warmup=1, official=1, official_images=2) if quick else Plan(reps=15, warmup=2, official=3)
+        return Plan(reps=3, warmup=1, official=1, official_images=2) if quick else Plan(reps=11, warmup=2, official=3)
     if batch == 1:                # ViT-B/16 on a CPU: ~0.6 s per image
         return Plan(reps=3, warmup=1, official=2)
-    return Plan(reps=3, warmup=0, official=1, fused_directly=False)   # batch 1 ran the same code: warm
+    # batch 1 ran the same code (warm); the official loop is per image, so 4 of the 16 images tell its cost
+    return Plan(reps=3, warmup=0, official=1, official_images=4, fused_directly=False)
 
 
 # ---- the measured steps ------------------------------------------------------------------------------
@@ -116,14 +116,17 @@ def merge_only(b: Bench, r):
 
 # ---- tables ------------------------------------------------------------------------------------------
 
-def row(b: Bench, batch: int, measured: str, seconds: float, ratio: float | None, how: str = "measured") -> dict:
+def row(b: Bench, batch: int, measured: str, seconds: float, ratio: float, cpu_ratio: float | None,
+        how: str = "measured") -> dict:
     return {"model": b.kind, "batch": batch, "measured": measured, "median_s": seconds,
-            "per_image_s": seconds / batch, "ratio_to_base": ratio, "how": how}
+            "per_image_s": seconds / batch, "ratio_to_base": ratio,
+            "cpu_ratio_to_base": cpu_ratio if b.device.type == "cpu" else None, "how": how}
 
 
 def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None) -> tuple[list[dict], dict]:
     """All rows of one (model, batch); `single` holds the batch-1 summary (per-image costs of the official loop).
-    Base, fused and SemLA total run interleaved; their ratios and differences are medians of per-run pairs."""
+    Base, fused and SemLA total run interleaved; their ratios and differences are medians of per-run pairs,
+    in wall time and (on a CPU) in process CPU time."""
     p = plan(b.kind, batch, b.device, quick)
     images, text = inputs(batch, b.size, b.dim, b.device)
     emb = embed(b, images)
@@ -132,35 +135,43 @@ def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None)
     if p.fused_directly:
         timed["fused"] = lambda: fused_forward(b, images, text, r)
     t = measure_interleaved(timed, b.device, p.reps, p.warmup)
-    t_embed = measure(lambda: embed(b, images), b.device, max(p.reps, 5), 1).median
-    t_retr = measure(lambda: retrieval(b, emb), b.device, 20, 2).median
-    base, semla = t["base"].median, t["semla"].median
+    t_embed = measure(lambda: embed(b, images), b.device, max(p.reps, 5), 1)
+    t_retr = measure(lambda: retrieval(b, emb), b.device, 20, 2)
+    t_merge = measure(lambda: merge_only(b, r), b.device, 5 if p.official > 1 else 3, 1)
+    n_off = batch if p.official_images is None else min(batch, p.official_images)
+    t_off = measure(lambda: official(b, images[:n_off], text), b.device, p.official,
+                    1 if batch == 1 else 0)                              # batch 1 warmed the loop up
+    scale_off = batch / n_off
+    base, base_cpu = t["base"].median, t["base"].cpu_median
+    steps = t_embed.median + t_retr.median                               # what SemLA adds besides the fused forward
+    steps_cpu = t_embed.cpu_median + t_retr.cpu_median
+    semla = (paired_ratio(t["semla"], t["base"]), paired_ratio(t["semla"], t["base"], cpu=True))
     if p.fused_directly:
-        fused, fused_ratio = t["fused"].median, paired_ratio(t["fused"], t["base"])
+        fused_s = t["fused"].median
+        fused = (paired_ratio(t["fused"], t["base"]), paired_ratio(t["fused"], t["base"], cpu=True))
         fusion_semla = paired_difference(t["fused"], t["base"])
         how_fused = "measured"
     else:
-        fused = semla - t_embed - t_retr
-        fused_ratio, fusion_semla = fused / base, paired_difference(t["semla"], t["base"]) - t_embed - t_retr
+        fused_s = t["semla"].median - steps
+        fused = (semla[0] - steps / base, semla[1] - steps_cpu / base_cpu)
+        fusion_semla = paired_difference(t["semla"], t["base"]) - steps
         how_fused = "derived: SemLA total - embed - retrieve"
-    t_merge = measure(lambda: merge_only(b, r), b.device, 5 if p.official > 1 else 3, 1).median
-    n_off = batch if p.official_images is None else min(batch, p.official_images)
-    t_off = measure(lambda: official(b, images[:n_off], text), b.device, p.official,
-                    1 if batch == 1 else 0).median * batch / n_off      # batch 1 warmed the loop up
-    how_off = "measured" if n_off == batch else f"{n_off} of {batch} images timed, scaled"
     rows = [
-        row(b, batch, "base forward (no adapters)", base, 1.0),
-        row(b, batch, "SemLA: embed (separate tiny CLIP, 64 px)", t_embed, t_embed / base),
-        row(b, batch, f"SemLA: retrieve top-{K} of {LIBRARY_SIZE} centroids", t_retr, t_retr / base),
-        row(b, batch, f"SemLA: fused forward (K={K}, per-image adapters)", fused, fused_ratio, how_fused),
-        row(b, batch, "SemLA total: embed + retrieve + fused forward", semla, paired_ratio(t["semla"], t["base"])),
-        row(b, batch, "official: per image embed + retrieve + peft cat merge + forward + delete", t_off,
-            t_off / base, how_off),
+        row(b, batch, "base forward (no adapters)", base, 1.0, 1.0),
+        row(b, batch, "SemLA: embed (separate tiny CLIP, 64 px)", t_embed.median, t_embed.median / base,
+            t_embed.cpu_median / base_cpu),
+        row(b, batch, f"SemLA: retrieve top-{K} of {LIBRARY_SIZE} centroids", t_retr.median, t_retr.median / base,
+            t_retr.cpu_median / base_cpu),
+        row(b, batch, f"SemLA: fused forward (K={K}, per-image adapters)", fused_s, *fused, how_fused),
+        row(b, batch, "SemLA total: embed + retrieve + fused forward", t["semla"].median, *semla),
+        row(b, batch, "official: per image embed + retrieve + peft cat merge + forward + delete",
+            t_off.median * scale_off, t_off.median * scale_off / base, t_off.cpu_median * scale_off / base_cpu,
+            "measured" if n_off == batch else f"{n_off} of {batch} images timed, scaled"),
     ]
     fusion_semla = max(fusion_semla, 1e-6)     # guard: on a noisy machine the difference can vanish
-    fusion_official = t_merge * batch
-    one = single or {"embed": t_embed, "retrieve": t_retr, "base": base}     # batch-1 costs of the loop's steps
-    fusion_official_all = t_off - batch * (one["embed"] + one["retrieve"] + one["base"])
+    fusion_official = t_merge.median * batch
+    one = single or {"embed": t_embed.median, "retrieve": t_retr.median, "base": base}   # batch-1 step costs
+    fusion_official_all = t_off.median * scale_off - batch * (one["embed"] + one["retrieve"] + one["base"])
     fusion = [
         {"model": b.kind, "batch": batch, "measured": "fusion step, SemLA: fused forward - base forward",
          "median_s": fusion_semla, "speedup": 1.0},
@@ -170,10 +181,10 @@ def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None)
          "and base forwards (= merges + its LoRA compute)", "median_s": fusion_official_all,
          "speedup": fusion_official_all / fusion_semla},
     ]
-    summary = {"base": base, "embed": t_embed, "retrieve": t_retr, "fused": fused, "semla": semla,
-               "semla_ratio": paired_ratio(t["semla"], t["base"]), "fusion_semla": fusion_semla,
-               "official": t_off, "merge_per_image": t_merge, "fusion_speedup": fusion_official / fusion_semla,
-               "images": images, "text": text, "r": r}
+    summary = {"base": base, "embed": t_embed.median, "retrieve": t_retr.median, "semla": t["semla"].median,
+               "semla_ratio": semla[0], "semla_cpu_ratio": semla[1] if b.device.type == "cpu" else None,
+               "fusion_semla": fusion_semla, "merge_per_image": t_merge.median,
+               "fusion_speedup": fusion_official / fusion_semla, "images": images, "text": text}
     return rows, summary | {"fusion_rows": fusion}
 
 
@@ -234,17 +245,27 @@ _ORIGINAL_FORWARD = FusedLoRALinear.forward
 
 
 @contextmanager
-def proposed_fused_layer(model: torch.nn.Module):
+def proposed_buffers(model: torch.nn.Module):
+    """Give every FusedLoRALinear of `model` its B as (L, r, out), as the proposed install step would."""
     layers = [m for m in model.modules() if isinstance(m, FusedLoRALinear)]
     for m in layers:
-        m._bench_Bt = m.B.transpose(1, 2).contiguous()     # what the package would store at install time
-    FusedLoRALinear.forward = _proposed_forward
+        m._bench_Bt = m.B.transpose(1, 2).contiguous()
     try:
         yield
     finally:
-        FusedLoRALinear.forward = _ORIGINAL_FORWARD
         for m in layers:
             del m._bench_Bt
+
+
+def with_proposed_layer(fn):
+    """`fn` run with the proposed FusedLoRALinear.forward (needs `proposed_buffers`)."""
+    def run():
+        FusedLoRALinear.forward = _proposed_forward
+        try:
+            return fn()
+        finally:
+            FusedLoRALinear.forward = _ORIGINAL_FORWARD
+    return run
 
 
 def semla_variant(b: Bench, images, text, embed_fn, k: int = K):
@@ -254,54 +275,54 @@ def semla_variant(b: Bench, images, text, embed_fn, k: int = K):
 
 
 def candidates(b: Bench, s: dict, quick: bool) -> list[dict]:
-    """Measured alternatives at the same batch: each SemLA total runs interleaved with the base forward and
-    its ratio is the median of per-run pairs. On a CPU the ViT-B/16 model gets the fused-layer candidate only
-    (its embedding is already < 1% of the time), with one pair of runs."""
-    images, text, r = s["images"], s["text"], s["r"]
-    batch, dev = images.shape[0], b.device
-    heavy = b.kind != "tiny" and dev.type == "cpu"
-    reps = 1 if heavy or quick else 9
+    """Measured alternatives: the base forward, the current SemLA total and every candidate SemLA total run
+    interleaved, ratios are medians of per-run pairs. On a CPU the ViT-B/16 model gets the fused-layer
+    candidate only (its embedding is < 1% of the time), at batch 4 of the 16 images (3 runs fit the time)."""
+    heavy = b.kind != "tiny" and b.device.type == "cpu"
     few = heavy or quick          # --quick: the 32-px CLIP and the proposed fused layer only
-    base_fn = lambda: base_forward(b, images, text)                                                  # noqa: E731
+    images, text = (s["images"][:4] if heavy else s["images"]), s["text"]
+    reps = 3 if few else 9
     to32 = lambda x: F.interpolate(x, size=32, mode="bilinear", antialias=True, align_corners=False)  # noqa: E731
     norm = lambda x: (x - b.seg.mean) / b.seg.std                                                     # noqa: E731
-    clip32 = None if heavy else clip_at(32, dev)
+    clip32 = None if heavy else clip_at(32, b.device)
     embed32 = lambda x: embed(b, x, clip32)                                                           # noqa: E731
-    variants = {}     # name -> (SemLA total function, run with the proposed fused layer?)
+    fns = {"base forward (no adapters)": lambda: base_forward(b, images, text),
+           f"current: separate tiny CLIP at 64 px, K={K}": lambda: semla_total(b, images, text)}
     if not few:
-        variants["embed 32-px images with the 64-px CLIP (embed_images resizes them back to 64)"] = (
-            lambda: semla_variant(b, images, text, lambda x: embed(b, to32(x))), False)
+        fns["embed 32-px images with the 64-px CLIP (embed_images resizes them back to 64)"] = (
+            lambda: semla_variant(b, images, text, lambda x: embed(b, to32(x))))
     if not heavy:
-        variants["embed with the tiny CLIP built for 32 px (4x4 patches + CLS instead of 8x8 + CLS)"] = (
-            lambda: semla_variant(b, images, text, embed32), False)
+        fns["embed with the tiny CLIP built for 32 px (4x4 patches + CLS instead of 8x8 + CLS)"] = (
+            lambda: semla_variant(b, images, text, embed32))
     if not few:
-        variants["reuse the segmenter's encoder: a base pass of its vision tower gives the CLS embedding"] = (
-            lambda: semla_variant(b, images, text, lambda x: F.normalize(b.seg.visual(norm(x)), dim=-1).cpu()),
-            False)
-    variants["proposed FusedLoRALinear.forward (index_select gathers, B stored (L,r,out), baddbmm)"] = (
-        lambda: semla_total(b, images, text), True)
+        fns["reuse the segmenter's encoder: a base pass of its vision tower gives the CLS embedding"] = (
+            lambda: semla_variant(b, images, text, lambda x: F.normalize(b.seg.visual(norm(x)), dim=-1).cpu()))
+    fns["proposed FusedLoRALinear.forward (index_select gathers, B stored (L,r,out), baddbmm)"] = (
+        with_proposed_layer(lambda: semla_total(b, images, text)))
     if not few:
         for k in (1, 2, 3):
-            variants[f"K={k} instead of {K} (fewer adapters per image; softmax over the k nearest)"] = (
-                lambda k=k: semla_variant(b, images, text, lambda x: embed(b, x), k), False)
-        variants["combined: 32-px CLIP + proposed fused layer"] = (
-            lambda: semla_variant(b, images, text, embed32), True)
-        variants["combined: 32-px CLIP + proposed fused layer + K=2"] = (
-            lambda: semla_variant(b, images, text, embed32, 2), True)
-    rows = [{"model": b.kind, "batch": batch, "candidate": "current: separate tiny CLIP at 64 px, K=5",
-             "semla_total_s": s["semla"], "ratio_to_base": s["semla_ratio"], "runs": None}]
-    for name, (fn, proposed_layer) in variants.items():
-        with proposed_fused_layer(b.lib.fused_model) if proposed_layer else nullcontext():
-            t = measure_interleaved({"base": base_fn, "cand": fn}, dev, reps, 0 if heavy else 1)
-        rows.append({"model": b.kind, "batch": batch, "candidate": name, "semla_total_s": t["cand"].median,
-                     "ratio_to_base": paired_ratio(t["cand"], t["base"]), "runs": reps})
-    with proposed_fused_layer(b.lib.fused_model):
-        new = fused_forward(b, images, text, r)
-    diff = (new - fused_forward(b, images, text, r)).abs().max().item()
-    for row_ in rows:
-        row_["change_vs_current"] = row_["ratio_to_base"] / s["semla_ratio"]
-        if row_["candidate"].startswith("proposed"):
-            row_["candidate"] += f"; max |diff| to current {diff:.1e}"
+            fns[f"K={k} instead of {K} (fewer adapters per image; softmax over the k nearest)"] = (
+                lambda k=k: semla_variant(b, images, text, lambda x: embed(b, x), k))
+        fns["combined: 32-px CLIP + proposed fused layer"] = (
+            with_proposed_layer(lambda: semla_variant(b, images, text, embed32)))
+        fns["combined: 32-px CLIP + proposed fused layer + K=2"] = (
+            with_proposed_layer(lambda: semla_variant(b, images, text, embed32, 2)))
+    with proposed_buffers(b.lib.fused_model):
+        t = measure_interleaved(fns, b.device, reps, 1)
+        r = retrieval(b, embed(b, images))
+        diff = (with_proposed_layer(lambda: fused_forward(b, images, text, r))()
+                - fused_forward(b, images, text, r)).abs().max().item()
+    base, current = list(fns)[:2]
+    rows = []
+    for name in fns:
+        label = name + (f"; max |diff| to current {diff:.1e}" if name.startswith("proposed") else "")
+        cpu = b.device.type == "cpu"
+        rows.append({"model": b.kind, "batch": images.shape[0], "candidate": label, "semla_total_s": t[name].median,
+                     "ratio_to_base": paired_ratio(t[name], t[base]),
+                     "cpu_ratio_to_base": paired_ratio(t[name], t[base], cpu=True) if cpu else None,
+                     "change_vs_current": paired_ratio(t[name], t[current]),
+                     "cpu_change_vs_current": paired_ratio(t[name], t[current], cpu=True) if cpu else None,
+                     "runs": reps})
     return rows
 
 
@@ -329,7 +350,8 @@ def main(argv=None) -> dict:
             fusion_rows += s["fusion_rows"]
             print(table(batch_rows, [("measured", f"{MODELS[kind]}, batch {batch}", None),
                                      ("median_s", "time", fmt_s), ("per_image_s", "per image", fmt_s),
-                                     ("ratio_to_base", "x base", fmt_x), ("how", "how", None)]) + "\n")
+                                     ("ratio_to_base", "x base", fmt_x),
+                                     ("cpu_ratio_to_base", "x base, CPU time", fmt_x), ("how", "how", None)]) + "\n")
             print(table(s["fusion_rows"], [("measured", "fusion step", None), ("median_s", "time", fmt_s),
                                            ("speedup", "SemLA faster by", fmt_x)]) + "\n")
             targets.append({"name": f"fusion step {kind} batch {batch}", "goal": f">= {TARGET_FUSION:.0f}x faster "
@@ -338,11 +360,16 @@ def main(argv=None) -> dict:
             if batch == 16:
                 ratio = s["semla_ratio"]
                 on = "CPU" if device.type == "cpu" else f"{device.type} (the target is stated for CPU)"
+                cpu_ratio = s["semla_cpu_ratio"]
                 targets.append({"name": f"SemLA total {kind} batch 16 on {on}", "goal": f"<= {TARGET_TOTAL:.2f}x base",
-                                "measured": fmt_x(ratio), "value": ratio, "met": ratio <= TARGET_TOTAL})
-                if ratio > TARGET_TOTAL:
+                                "measured": fmt_x(ratio) + ("" if cpu_ratio is None else
+                                                            f" (in CPU time: {fmt_x(cpu_ratio)})"),
+                                "value": ratio, "value_cpu_time": cpu_ratio, "met": ratio <= TARGET_TOTAL,
+                                "met_in_cpu_time": None if cpu_ratio is None else cpu_ratio <= TARGET_TOTAL})
+                if ratio > TARGET_TOTAL or (cpu_ratio or 0) > TARGET_TOTAL:
                     shares = [("embed", s["embed"]), ("retrieve", s["retrieve"]), ("fused - base", s["fusion_semla"])]
-                    print(f"{kind} batch 16 misses {TARGET_TOTAL:.2f}x ({ratio:.2f}x). Time SemLA adds to the base "
+                    print(f"{kind} batch 16 misses {TARGET_TOTAL:.2f}x ({fmt_x(ratio)} wall"
+                          + ("" if cpu_ratio is None else f", {fmt_x(cpu_ratio)} CPU time") + "). Time SemLA adds to the base "
                           "forward: " + ", ".join(f"{n} {fmt_s(t)} ({t / sum(x for _, x in shares):.0%})"
                                                   for n, t in shares) + "\n")
                     # ViT-B/16 on a CPU: profile 4 of the 16 images (op shares barely depend on the batch there)
@@ -356,10 +383,13 @@ def main(argv=None) -> dict:
                                       ("added_s", "added (incl. embedding)", fmt_s)]) + "\n")
                     cand = candidates(b, s, args.quick)
                     cand_rows += cand
-                    print(table(cand, [("candidate", f"candidates, {kind} batch 16 (each interleaved with the base "
-                                       "forward)", None), ("semla_total_s", "SemLA total", fmt_s),
+                    print(table(cand, [("candidate", f"candidates, {kind} batch {cand[0]['batch']} (all interleaved; "
+                                       "time = SemLA total)", None), ("semla_total_s", "time", fmt_s),
                                        ("ratio_to_base", "x base", fmt_x),
-                                       ("change_vs_current", "vs current", fmt_x), ("runs", "runs", None)]) + "\n")
+                                       ("change_vs_current", "vs current", fmt_x),
+                                       ("cpu_ratio_to_base", "x base, CPU time", fmt_x),
+                                       ("cpu_change_vs_current", "vs current, CPU time", fmt_x),
+                                       ("runs", "runs", None)]) + "\n")
         del b
     print(target_lines(targets))
     out = payload("adaptation", device, args.quick, rows, targets, embedder=EMBEDDER, fusion=fusion_rows,

@@ -77,41 +77,49 @@ def sync(device: torch.device) -> None:
 
 @dataclass
 class Timing:
-    """Seconds of each timed run; `median` is what the tables report."""
+    """Wall seconds (time.perf_counter) of each timed run, and the process CPU seconds
+    (time.process_time) of the same runs. `median` (wall) is what the tables report; on a CPU with one
+    torch thread the CPU time is the same work without the time other jobs' processes took the core."""
     runs: list[float]
+    cpu_runs: list[float]
 
     @property
     def median(self) -> float:
         return statistics.median(self.runs)
 
-    def as_dict(self) -> dict:
-        return {"median_s": self.median, "min_s": min(self.runs), "runs": len(self.runs)}
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_runs)
 
 
-def paired_ratio(a: Timing, b: Timing) -> float:
-    """Median over runs of a_i / b_i for two interleaved timings: adjacent runs share the machine's load,
-    so this is steadier than median(a) / median(b) on a busy machine."""
-    return statistics.median(x / y for x, y in zip(a.runs, b.runs))
+def _timed_call(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
+    sync(device)
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def paired_difference(a: Timing, b: Timing) -> float:
-    """Median over runs of a_i - b_i for two interleaved timings."""
-    return statistics.median(x - y for x, y in zip(a.runs, b.runs))
+def paired_ratio(a: Timing, b: Timing, cpu: bool = False) -> float:
+    """Median over runs of a_i / b_i for two interleaved timings (wall, or CPU time with `cpu`): adjacent
+    runs share the machine's load, so this is steadier than median(a) / median(b) on a busy machine."""
+    xs, ys = (a.cpu_runs, b.cpu_runs) if cpu else (a.runs, b.runs)
+    return statistics.median(x / max(y, 1e-12) for x, y in zip(xs, ys))
+
+
+def paired_difference(a: Timing, b: Timing, cpu: bool = False) -> float:
+    """Median over runs of a_i - b_i for two interleaved timings (wall, or CPU time with `cpu`)."""
+    xs, ys = (a.cpu_runs, b.cpu_runs) if cpu else (a.runs, b.runs)
+    return statistics.median(x - y for x, y in zip(xs, ys))
 
 
 def measure(fn: Callable[[], object], device: torch.device, reps: int = 5, warmup: int = 1) -> Timing:
-    """Median-able wall times of `fn()` after `warmup` untimed calls; CUDA work is synchronised
-    before the clock starts and before it stops."""
+    """Times of `reps` calls of `fn()` after `warmup` untimed calls; CUDA work is synchronised before the
+    clock starts and before it stops."""
     for _ in range(warmup):
         fn()
-    runs = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        runs.append(time.perf_counter() - t0)
-    return Timing(runs)
+    runs = [_timed_call(fn, device) for _ in range(reps)]
+    return Timing([w for w, _ in runs], [c for _, c in runs])
 
 
 def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 5,
@@ -121,15 +129,11 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    runs: dict[str, list[float]] = {name: [] for name in fns}
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            sync(device)
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            runs[name].append(time.perf_counter() - t0)
-    return {name: Timing(r) for name, r in runs.items()}
+            runs[name].append(_timed_call(fn, device))
+    return {name: Timing([w for w, _ in r], [c for _, c in r]) for name, r in runs.items()}
 
 
 @contextmanager

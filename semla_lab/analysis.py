@@ -260,21 +260,25 @@ def masks_miou(masks: dict[str, torch.Tensor], label: torch.Tensor, num_classes:
 
 # ---- ablations ------------------------------------------------------------------------------------
 
-def one_at_a_time(table: pd.DataFrame, knob: str, defaults=None, method: str | None = None) -> pd.DataFrame:
-    """Rows of a run_ablation table where every knob except `knob` keeps its default value
-    (EvalConfig() unless given), sorted by `knob`; optionally only one method."""
+def one_at_a_time(table: pd.DataFrame, knob: str | Sequence[str], defaults=None, method: str | None = None
+                  ) -> pd.DataFrame:
+    """Rows of a run_ablation table where every knob except `knob` (one name or several) keeps its
+    default value (EvalConfig() unless given), sorted by the varied knob(s); optionally one method."""
     from .experiments import EvalConfig
     defaults = defaults or EvalConfig()
+    varied = [knob] if isinstance(knob, str) else list(knob)
     knobs = [f.name for f in dataclasses.fields(defaults) if f.name not in ("batch_size", "max_images")]
-    if knob not in knobs:
-        raise ValueError(f"unknown knob {knob!r}; knobs: {knobs}")
+    unknown = [k for k in varied if k not in knobs]
+    if unknown:
+        raise ValueError(f"unknown knob(s) {unknown}; knobs: {knobs}")
     keep = pd.Series(True, index=table.index)
     for k in knobs:
-        if k != knob and k in table:
+        if k not in varied and k in table:
             keep &= table[k] == getattr(defaults, k)
     if method is not None:
         keep &= table["method"] == method
     out = table[keep]
-    if pd.api.types.is_numeric_dtype(out[knob]):
-        out = out.sort_values(knob, kind="stable")
+    numeric = [k for k in varied if pd.api.types.is_numeric_dtype(out[k])]
+    if numeric:
+        out = out.sort_values(numeric, kind="stable")
     return out.reset_index(drop=True)

@@ -62,6 +62,14 @@ class LibraryEntry:
     path: Path | None = None
 
 
+def _share(folder: Path) -> None:
+    """Give a copied adapter folder the usual permissions (sources written in temp dirs are 0600/0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [folder, *folder.rglob("*")]:
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def check_name(name: object) -> str:
     """A domain name usable as a folder name: letters, digits, '_', '-', '.', not starting with '.'."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -400,6 +408,7 @@ class AdapterLibrary:
             adapters = self.root / ADAPTERS
             tmp = adapters / f".tmp-{name}-{secrets.token_hex(4)}"
             shutil.copytree(adapter_dir, tmp)
+            _share(tmp)
             os.replace(tmp, adapters / name)
             entry = {"name": name, "num_images": num_images, "metadata": metadata, "adapter": f"{ADAPTERS}/{name}"}
             self._commit(self._index["domains"] + [entry], {**self._centroids, name: centroid})

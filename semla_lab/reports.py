@@ -272,12 +272,6 @@ def add_tensors_domain(library, name: str, images: torch.Tensor, labels: torch.T
     text = embed_class_names(clip, list(class_names), device=device)
     with tempfile.TemporaryDirectory() as tmp:
         info = train_adapter(segmenter, text, images, labels, tmp, library.base_model, cfg, device, progress)
-        # recent peft replaces the config's base_model_name_or_path by the model's own `name_or_path`
-        # (None here): record the library's base model, as train_adapter intends
-        config = Path(tmp) / "adapter_config.json"
-        saved = json.loads(config.read_text())
-        if saved.get("base_model_name_or_path") != library.base_model:
-            config.write_text(json.dumps({**saved, "base_model_name_or_path": library.base_model}, indent=2))
         centroid = embed_images(clip, images, normalize=library.embedder["normalize"], device=device).mean(0)
         library.add(name, tmp, centroid, num_images=len(images), metadata=metadata or {})
     return info

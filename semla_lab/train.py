@@ -158,7 +158,9 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
     format (adapter_config.json + adapter_model.safetensors) under `out_dir`."""
     device = resolve_device(device)
     gen = seed_everything(cfg.seed)
-    model = get_peft_model(copy.deepcopy(segmenter).to(device), cfg.lora_config(base_model))
+    base = copy.deepcopy(segmenter).to(device)
+    base.name_or_path = base_model          # peft copies this into adapter_config.json
+    model = get_peft_model(base, cfg.lora_config(base_model))
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     text = text.to(device)
@@ -169,5 +171,5 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
 
     loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "adapter", progress)
     model.eval()
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), save_embedding_layers=False)   # no hub lookup of the base model
     return {"config": asdict(cfg), "final_loss": loss}

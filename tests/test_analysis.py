@@ -10,10 +10,13 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from semla_lab.analysis import (compare_centroids, distance_matrix, effective_number, fuse_by_hand,
                                 fused_layer_delta, group_means, linear_cross_terms, lora_factors, lora_modules,
-                                nearest_centroid_confusion, one_at_a_time, pca_project, peft_layer_delta,
-                                top_confusions, umap_project, weights_vs_tau)
+                                masks_miou, method_masks, nearest_centroid_confusion, one_at_a_time, pca_project,
+                                peft_layer_delta, top_confusions, umap_project, weights_vs_tau)
 from semla_lab.experiments import EvalConfig
 from semla_lab.fusion import FusedAdapters
+from semla_lab.library import AdapterLibrary
+from semla_lab.predictor import SemLAPredictor
+from semla_lab.retrieval import RetrievalConfig
 from semla_lab.segmenter import LORA_TARGETS
 
 
@@ -196,3 +199,68 @@ def test_one_at_a_time_slices_an_ablation_table():
     assert len(one_at_a_time(table, "k", defaults=EvalConfig(tau=0.2))) == 3
     with pytest.raises(ValueError):
         one_at_a_time(table, "batch_size")
+
+
+def test_one_at_a_time_with_two_knobs():
+    rows = [{"k": k, "tau": 0.05, "metric": "euclidean", "weighting": wt, "fusion": "cat", "method": "semla",
+             "hmean": k} for k in (3, 1) for wt in ("softmax", "uniform")]
+    rows.append({**rows[0], "fusion": "linear"})
+    grid = one_at_a_time(pd.DataFrame(rows), ["k", "weighting"])
+    assert len(grid) == 4 and grid["k"].tolist() == [1, 1, 3, 3]
+    assert grid.pivot(index="k", columns="weighting", values="hmean").shape == (2, 2)
+
+
+def test_notebook_plots_smoke():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from semla_lab import plots
+    pts, labels, centers = _clusters(n=4)
+    p, c, _ = pca_project(pts, centers)
+    fig = plots.annotate_points(plots.embedding_scatter(p, labels, c, ["a", "b", "c"]), c, ["a", "b", "c"])
+    assert len(fig.axes[0].texts) == 3
+    dist = pd.Series([0.3, 0.1, 0.5], index=["a", "b", "c"])
+    fig2 = plots.distance_bars(dist, ["b"], ["c"])
+    assert [t.get_text() for t in fig2.axes[0].get_xticklabels()] == ["b", "a", "c"]
+    fig3 = plots.weights_vs_tau_plot({"q": weights_vs_tau(torch.tensor([0.2, 0.3]), [0.01, 0.1, 1.0])})
+    assert len(fig3.axes[0].lines) == 3                       # two adapters + the tau marker
+    table = pd.DataFrame({"k": [1, 3, 5], "hmean": [40.0, 42.0, 41.0]})
+    fig4 = plots.ablation_curves({"k": table}, references={"zero-shot": 30.0, "oracle": 50.0})
+    assert len(fig4.axes[0].lines) == 3
+    plt.close("all")
+
+
+def test_masks_miou_scores_each_mask():
+    label = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 255]])
+    masks = {"perfect": label.clamp(max=1), "swapped": 1 - label.clamp(max=1), "half": torch.zeros(2, 4)}
+    scores = masks_miou(masks, label, 2)
+    assert list(scores.index) == ["perfect", "swapped", "half"]
+    assert scores["perfect"] == pytest.approx(100.0) and scores["swapped"] == pytest.approx(0.0)
+    assert scores["half"] == pytest.approx(50 * 4 / 7)            # class 0: 4/7, class 1: 0/3
+
+
+def test_method_masks_zero_shot_semla_and_oracle(tiny_segmenter, tiny_clip_random, tmp_path):
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False)
+    lib = AdapterLibrary.create(tmp_path / "lib", tiny_clip_random.identity(True), None,
+                                {"r": 2, "lora_alpha": 4, "target_modules": LORA_TARGETS})
+    for i, name in enumerate(["d0", "d1", "d2"]):
+        torch.manual_seed(i)
+        model = get_peft_model(copy.deepcopy(tiny_segmenter), cfg)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "lora_B" in pname:
+                    p.normal_(0, 0.3)
+        model.save_pretrained(tmp_path / name, save_embedding_layers=False)
+        lib.add(name, tmp_path / name, torch.nn.functional.normalize(torch.randn(64), dim=0), 10)
+    predictor = SemLAPredictor(tiny_segmenter, tiny_clip_random, lib, RetrievalConfig(k=1), device="cpu")
+    image = torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))
+    classes = ["road", "sky", "car"]
+    predictor.set_image(image, exclude=["d0"])
+    masks = method_masks(predictor, classes, oracle="d0")
+    assert list(masks) == ["zero-shot", "SemLA", "oracle"]
+    assert all(m.shape == (64, 64) for m in masks.values())
+    assert torch.equal(masks["zero-shot"], predictor.predict(classes, adapt=False))
+    chosen = predictor.explain()[0][0]                                   # k=1: SemLA == that domain's oracle
+    assert chosen != "d0"
+    assert torch.equal(masks["SemLA"], method_masks(predictor, classes, oracle=chosen)["oracle"])
+    assert list(method_masks(predictor, classes)) == ["zero-shot", "SemLA"]

@@ -111,3 +111,18 @@ def test_target_liveness_of_raw_open_clip_blocks_vs_the_segmenter(tiny_clip_rand
     live = target_liveness(tiny_segmenter, (x, text), ["visual.transformer.resblocks.0.attn.out_proj",
                                                        "visual.transformer.resblocks.0.attn.in_proj"])
     assert all(v > 1e-4 for v in live.values())
+
+
+def test_notebook_plot_helpers_draw_what_they_are_given():
+    import matplotlib.pyplot as plt
+    from semla_lab import plots
+    img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    fig = plots.image_grid({"a": [img, img.float() / 255], "b": [img]}, col_titles=["x", "y"])
+    assert len(fig.axes) == 4 and fig.axes[0].get_title() == "x"
+    fig2 = plots.domain_bars({"source": 40.0, "nyu": 20.0}, highlight=("source",))
+    bars = fig2.axes[0].patches
+    assert [b.get_height() for b in bars] == [40.0, 20.0] and bars[0].get_facecolor() != bars[1].get_facecolor()
+    mask = torch.zeros(16, 16, dtype=torch.long)
+    fig3 = plots.prediction_grid([("d1", img, {"gt": mask, "pred": mask}), ("d2", img, {"gt": mask, "pred": mask})])
+    assert len(fig3.axes) == 6 and [ax.get_title() for ax in fig3.axes[:3]] == ["image", "gt", "pred"]
+    plt.close("all")
