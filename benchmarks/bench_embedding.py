@@ -1,6 +1,7 @@
 """Centroid computation: CLIP image embeddings per second, batched (64, 256 images per call) against one
 image per call (as the official SemLA code embeds), for the tiny CLIP (64 px) and a ViT-B/16-sized CLIP
-(224 px). A centroid is the mean of a domain's embeddings; the timed step is embed_images + mean.
+(224 px). A centroid is the mean of a domain's embeddings; the timed step is embed_images + mean. The modes run in
+turn (interleaved); speed-ups are medians of per-run ratios.
 
 On a CPU the ViT-B/16 rows use N=16 images and one batch of 16 (~0.3 s per image there: 64- or 256-image
 batches would take minutes); with --device cuda they use N=256 and batches of 64 and 256 like the tiny CLIP.
@@ -9,7 +10,8 @@ batches would take minutes); with --device cuda they use N=256 and batches of 64
 """
 from __future__ import annotations
 
-from common import MODELS, fmt_s, fmt_x, measure, parser, payload, setup, table, write_json
+from common import (MODELS, fmt_s, fmt_x, measure_interleaved, paired_ratio, parser, payload, setup, table,
+                    write_json)
 
 import torch
 import torch.nn.functional as F
@@ -65,19 +67,22 @@ def measure_model(kind: str, device: torch.device, quick: bool) -> list[dict]:
     warm = 0 if reps == 1 else 1
     if warm == 0:   # one short untimed call so first-call costs stay out of the single timed run
         embed_images(clip, images[:2], device=device)
-    timings = {f"batched, {bs} images per call": measure(lambda bs=bs: centroid_batched(clip, images, bs, device),
-                                                         device, reps, warm).median for bs in batch_sizes}
-    per_call = measure(lambda: centroid_one_per_call(clip, images, device), device, reps, warm).median
-    timings["one image per call (official code)"] = per_call
+    fns = {f"batched, {bs} images per call": (lambda bs=bs: centroid_batched(clip, images, bs, device))
+           for bs in batch_sizes}
+    fns["one image per call (official code)"] = lambda: centroid_one_per_call(clip, images, device)
     if reps > 1:    # the ~1 ms per call it saves is noise next to ViT-B/16's ~300 ms per image on a CPU
-        timings["one image per call, without embed_images' per-call model.to().eval() (proposed)"] = measure(
-            lambda: centroid_one_per_call_no_move(clip, images, device), device, reps, warm).median
+        fns["one image per call, without embed_images' per-call model.to().eval() (proposed)"] = (
+            lambda: centroid_one_per_call_no_move(clip, images, device))
+    t = measure_interleaved(fns, device, reps, warm)     # modes in turn: load drifts hit them alike
+    per_call = "one image per call (official code)"
+    timings = {mode: t[mode].median for mode in fns}
+    speedups = {mode: paired_ratio(t[per_call], t[mode]) for mode in fns}
     a = centroid_batched(clip, images, batch_sizes[0], device)
     b = centroid_one_per_call(clip, images, device)
     diff = (a - b).abs().max().item()
-    return [{"model": kind, "image_size": clip.image_size, "n_images": n, "mode": mode, "total_s": t,
-             "images_per_s": n / t, "speedup_vs_one_per_call": per_call / t, "max_abs_diff_centroid": diff}
-            for mode, t in timings.items()]
+    return [{"model": kind, "image_size": clip.image_size, "n_images": n, "mode": mode, "total_s": secs,
+             "images_per_s": n / secs, "speedup_vs_one_per_call": speedups[mode], "max_abs_diff_centroid": diff}
+            for mode, secs in timings.items()]
 
 
 def main(argv=None) -> dict:

@@ -3,6 +3,7 @@ batched image embedding, and class-name text embedding. Notebook 04 explores the
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -83,6 +84,8 @@ def load_clip(name: str = TINY_CLIP, pretrained: str | None = None, checkpoint: 
     if name == TINY_CLIP and pretrained is None and checkpoint is None:
         checkpoint = assets_dir() / "tiny_clip.safetensors"
     tag = None if (checkpoint is not None or pretrained == "random") else pretrained
+    if tag is None:     # open_clip warns "no pretrained weights loaded": we load them ourselves, or want none
+        logging.disable(logging.WARNING)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=cache_dir)
     except Exception as e:
@@ -91,6 +94,8 @@ def load_clip(name: str = TINY_CLIP, pretrained: str | None = None, checkpoint: 
             "Without network access, download the weights elsewhere and either put them in the open_clip / "
             "Hugging Face cache (cache_dir=..., HF_HUB_CACHE) or pass checkpoint='path/to/weights.safetensors'."
         ) from None
+    finally:
+        logging.disable(logging.NOTSET)
     if checkpoint is not None:
         state = load_state_dict_file(checkpoint)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
