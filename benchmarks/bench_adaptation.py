@@ -62,7 +62,7 @@ class Plan:
 
 def plan(kind: str, batch: int, device: torch.device, quick: bool) -> Plan:
     if device.type == "cuda":
-        return Plan(reps=10, warmup=3, official=3)
+        return Plan(reps=10, warmup=3, official=2)
     if kind == "tiny":
         return Plan(reps=3, warmup=1, official=1, official_images=2) if quick else Plan(reps=11, warmup=2, official=3)
     if batch == 1:                # ViT-B/16 on a CPU: ~0.6 s per image

@@ -124,7 +124,7 @@ def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = 
     """CLIP image embeddings (N, D) float32 on the CPU; L2-normalised when `normalize`.
     `images` is a (N, 3, H, W) tensor (uint8 or float in [0, 1]) or a dataset of dicts with "image"."""
     device = resolve_device(device)
-    model = clip.model.to(device).eval()
+    model = clip.model if clip.model.logit_scale.device == device else clip.model.to(device)
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="embedding", disable=not progress):
@@ -147,7 +147,7 @@ def embed_class_names(clip: Clip, names: Sequence[str], templates: Sequence[str]
     if not names:
         raise ValueError("embed_class_names needs at least one class name")
     device = resolve_device(device)
-    model = clip.model.to(device).eval()
+    model = clip.model if clip.model.logit_scale.device == device else clip.model.to(device)
     prompts = [t.format(n) for n in names for t in templates]
     feats = F.normalize(model.encode_text(clip.tokenizer(prompts).to(device)).float(), dim=-1)
     feats = feats.view(len(names), len(templates), -1).mean(1)

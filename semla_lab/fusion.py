@@ -41,6 +41,7 @@ class FusedLoRALinear(nn.Module):
         self.base = base
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B", B, persistent=False)
+        self.register_buffer("Bt", B.transpose(1, 2).contiguous(), persistent=False)   # (L, r, out) for cat
         self.register_buffer("scaling", scaling, persistent=False)
         self.state = state           # shared with the FusedAdapters that installed this layer
 
@@ -50,20 +51,25 @@ class FusedLoRALinear(nn.Module):
         if sel is None:
             return out
         idx = sel.indices
-        coef = (sel.weights * self.scaling[idx]).to(x.dtype)                    # (B, K)
-        A, B = self.A[idx].to(x.dtype), self.B[idx].to(x.dtype)                   # (B, K, r, in), (B, K, out, r)
+        n, k = idx.shape
+        flat = idx.reshape(-1)
+        coef = (sel.weights * self.scaling.index_select(0, flat).view(n, k)).to(x.dtype)   # (B, K)
         squeeze = x.dim() == 2
-        xs = x[:, None] if squeeze else x                                         # (B, N, in)
-        assert xs.shape[0] == idx.shape[0], f"batch {xs.shape[0]} but selection for {idx.shape[0]} images"
-        if sel.fusion == "cat":
-            h = torch.einsum("bni,bkri->bnkr", xs, A) * coef[:, None, :, None]    # (B, N, K, r)
-            delta = torch.einsum("bnkr,bkor->bno", h, B)
+        xs, base = (x[:, None], out[:, None]) if squeeze else (x, out)           # (B, N, in), (B, N, out)
+        assert xs.shape[0] == n, f"batch {xs.shape[0]} but selection for {n} images"
+        r, d_in = self.A.shape[1:]
+        if sel.fusion == "cat":      # A_cat (B, K r, in) with w s folded into h; B_cat^T (B, K r, out)
+            A = self.A.index_select(0, flat).view(n, k * r, d_in).to(x.dtype)
+            Bt = self.Bt.index_select(0, flat).view(n, k * r, -1).to(x.dtype)
+            h = torch.bmm(xs, A.transpose(1, 2)) * coef.repeat_interleave(r, dim=1)[:, None]   # (B, N, K r)
+            res = torch.baddbmm(base, h, Bt)
         else:  # linear: mix the factors first, as peft does
+            A, B = self.A[idx].to(x.dtype), self.B[idx].to(x.dtype)               # (B, K, r, in), (B, K, out, r)
             root = coef.abs().sqrt()
             A_mix = torch.einsum("bk,bkri->bri", root * coef.sign(), A)
             B_mix = torch.einsum("bk,bkor->bor", root, B)
-            delta = torch.einsum("bnr,bor->bno", torch.einsum("bni,bri->bnr", xs, A_mix), B_mix)
-        return out + (delta[:, 0] if squeeze else delta)
+            res = base + torch.einsum("bnr,bor->bno", torch.einsum("bni,bri->bnr", xs, A_mix), B_mix)
+        return res[:, 0] if squeeze else res
 
 
 def _module_path(key: str) -> tuple[str, str]:

@@ -215,20 +215,26 @@ def weights_vs_tau_plot(tables: dict[str, pd.DataFrame], default_tau: float = 0.
 
 
 def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float] | None = None,
-                    y: str = "hmean", log_x: tuple[str, ...] = ("tau",), figsize=(9, 3)):
+                    y: str = "hmean", hue: str | None = None, log_x: tuple[str, ...] = ("tau",), figsize=(9, 3)):
     """One panel per knob (knob -> run_ablation rows varying only that knob): y against the knob's
-    values, with horizontal reference lines (e.g. zero-shot and oracle h-mean)."""
+    values, one line per value of the `hue` column where a table has it, and horizontal reference
+    lines (e.g. zero-shot and oracle h-mean)."""
     fig, axes = plt.subplots(1, len(tables), figsize=figsize, squeeze=False, sharey=True)
+    ref_colors = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray")
     for ax, (knob, table) in zip(axes[0], tables.items()):
-        ax.plot(table[knob], table[y], marker="o", color="tab:orange", label="SemLA")
-        for i, (name, value) in enumerate((references or {}).items()):
-            ax.axhline(value, linestyle="--", linewidth=1, color=f"C{i}", label=name)
+        groups = table.groupby(hue, sort=False) if hue and hue in table else [("SemLA", table)]
+        for i, (name, rows) in enumerate(groups):
+            ax.plot(rows[knob], rows[y], marker="o", color=("k", "tab:orange", "tab:red")[i % 3],
+                    label=f"SemLA, {hue}={name}" if hue and hue in table else name)
+        for color, (name, value) in zip(ref_colors, (references or {}).items()):
+            ax.axhline(value, linestyle="--", linewidth=1, color=color, label=name)
         if knob in log_x:
             ax.set_xscale("log")
-        ax.set_xticks(list(table[knob]), [f"{v:g}" for v in table[knob]])
+        values = sorted(set(table[knob]))
+        ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.minorticks_off()
         ax.set_xlabel(knob)
+        ax.legend(fontsize=7)
     axes[0, 0].set_ylabel(y)
-    axes[0, -1].legend(fontsize=7)
     fig.tight_layout()
     return fig

@@ -160,3 +160,49 @@ def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str
     else:
         weights = uniform_weights(*indices.shape, dtype=dist.dtype).to(dist.device)
     return Retrieval(indices=indices, weights=weights, distances=dist, names=names)
+
+
+class CentroidIndex:
+    """A library's centroids validated once and searched many times (libraries of thousands).
+
+    Per query: one GEMM gives approximate squared distances, the K + MARGIN nearest are re-measured
+    exactly and stable-sorted, so indices, tie-breaking and weights equal `retrieve` (Euclidean);
+    `distances` outside the candidates are the GEMM approximation. Other metrics use `retrieve`."""
+
+    MARGIN = 8
+
+    def __init__(self, centroids: torch.Tensor, names: Sequence[str]):
+        _check_finite(centroids, "centroids")
+        self.names = list(names)
+        if len(self.names) != centroids.shape[0] or len(set(self.names)) != len(self.names):
+            raise ValueError(f"need one unique name per centroid, got {len(self.names)} names for "
+                             f"{centroids.shape[0]} centroids")
+        self.centroids = centroids.contiguous()
+        self.sq_norms = (self.centroids * self.centroids).sum(1)                        # (L,)
+
+    def search(self, queries: torch.Tensor, config: RetrievalConfig = RetrievalConfig(),
+               exclude: Iterable[str] = ()) -> Retrieval:
+        if config.metric != "euclidean":
+            return retrieve(queries, self.centroids, self.names, config, exclude)
+        q = queries.unsqueeze(0) if queries.dim() == 1 else queries
+        _check_finite(q, "queries")
+        if q.shape[1] != self.centroids.shape[1]:
+            raise ValueError(f"query dimension {q.shape[1]} != centroid dimension {self.centroids.shape[1]}")
+        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+        unknown = [n for n in excluded if n not in self.names]
+        if unknown:
+            raise ValueError(f"cannot exclude unknown library entries {unknown[:3]}")
+        available = len(self.names) - len(set(excluded))
+        if not 1 <= config.k <= available:
+            raise ValueError(f"k={config.k} but {available} library entries are available")
+        d2 = torch.addmm(self.sq_norms, q, self.centroids.T, alpha=-2) + (q * q).sum(1, keepdim=True)
+        if excluded:
+            d2[:, [self.names.index(n) for n in excluded]] = float("inf")
+        m = min(available, config.k + self.MARGIN)
+        cand = torch.topk(d2, m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
+        exact = (q[:, None, :] - self.centroids[cand]).pow(2).sum(-1).sqrt()          # (Q, m)
+        vals, pos = exact.sort(dim=1, stable=True)                                      # ties -> lower index
+        indices, d_topk = cand.gather(1, pos)[:, :config.k], vals[:, :config.k]
+        weights = (softmax_weights(d_topk, config.tau) if config.weighting == "softmax"
+                   else uniform_weights(*indices.shape, dtype=q.dtype).to(q.device))
+        return Retrieval(indices=indices, weights=weights, distances=d2.clamp_min(0).sqrt(), names=self.names)

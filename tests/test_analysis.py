@@ -227,6 +227,9 @@ def test_notebook_plots_smoke():
     table = pd.DataFrame({"k": [1, 3, 5], "hmean": [40.0, 42.0, 41.0]})
     fig4 = plots.ablation_curves({"k": table}, references={"zero-shot": 30.0, "oracle": 50.0})
     assert len(fig4.axes[0].lines) == 3
+    two = pd.concat([table.assign(weighting="softmax"), table.assign(weighting="uniform", hmean=[40.0, 43, 44])])
+    fig5 = plots.ablation_curves({"k": two, "tau": table.rename(columns={"k": "tau"})}, hue="weighting")
+    assert len(fig5.axes[0].lines) == 2 and len(fig5.axes[1].lines) == 1
     plt.close("all")
 
 

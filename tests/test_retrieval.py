@@ -199,3 +199,20 @@ def test_retrieval_is_a_plain_record():
     assert isinstance(r, Retrieval)
     assert r.indices.dtype == torch.long and r.indices.shape == (2, 2)
     assert r.distances.shape == (2, 3) and r.names == N1
+
+
+def test_centroid_index_equals_retrieve_on_large_library():
+    from semla_lab.retrieval import CentroidIndex
+    g = torch.Generator().manual_seed(0)
+    centroids = torch.randn(3000, 16, generator=g)
+    names = [f"d{i}" for i in range(3000)]
+    queries = torch.randn(32, 16, generator=g)
+    index = CentroidIndex(centroids, names)
+    for cfg, exclude in [(RetrievalConfig(k=5), ()), (RetrievalConfig(k=7, tau=0.2), ("d1", "d2")),
+                         (RetrievalConfig(k=3, weighting="uniform"), ())]:
+        a = index.search(queries, cfg, exclude)
+        b = retrieve(queries, centroids, names, cfg, exclude)
+        assert torch.equal(a.indices, b.indices)
+        assert torch.allclose(a.weights, b.weights, atol=1e-6)
+    with pytest.raises(ValueError, match="available"):
+        index.search(queries[0], RetrievalConfig(k=5), exclude=names[:2996])
