@@ -84,6 +84,8 @@ def load_target(target: str, max_images: int | None = None) -> Target:
         return _target_from_items(ds.name, items, ds.classes)
     spec = get_domain(target)
     split = generate(spec, "test", max_images if max_images is not None else None)
+    if len(split) == 0:
+        raise ValueError(f"target domain {spec.name!r} has no test images (splits: {spec.splits})")
     return Target(spec.name, split.images, split.labels, spec.class_names, split.ids)
 
 

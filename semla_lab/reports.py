@@ -390,6 +390,8 @@ def write_real_layout(dataset: str, root: str | Path, images: torch.Tensor, labe
     written = []
     for i in range(len(images)):
         parts = spec.patterns(split, domain)[0].split("*")
+        if len(parts) < 2:
+            raise ValueError(f"{dataset}: its glob {spec.globs[0]!r} has no '*' to name files after")
         listed = "".join(p + (f"{prefix}_{i:06d}" if j == len(parts) - 2 else prefix)
                          for j, p in enumerate(parts[:-1])) + parts[-1]
         other = spec.partner(listed)

@@ -156,6 +156,9 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
                   progress=True) -> dict:
     """Train one LoRA adapter on a frozen copy of `segmenter` for one domain and save it in peft's
     format (adapter_config.json + adapter_model.safetensors) under `out_dir`."""
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"an adapter needs training images with labels; got {len(images)} images and "
+                         f"{len(labels)} label maps")
     device = resolve_device(device)
     gen = seed_everything(cfg.seed)
     base = copy.deepcopy(segmenter).to(device)

@@ -1,5 +1,7 @@
 """The shared dataset format: round trip, and every kind of bad image, label or manifest."""
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -122,3 +124,41 @@ def test_dataset_item_with_mismatched_label_names_both(dataset):
     _save(label_path, np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(DataError, match="10x10 but its image is 64x64"):
         ds[0]
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((4, 4, 2), dtype=np.uint8), "HxWx3"),
+    (torch.zeros(1, 8, 8), r"\(3, H, W\)"),
+    (torch.full((3, 4, 4), float("nan")), "NaN"),
+    ("no/such/image.png", "not found"),
+])
+def test_predictor_image_inputs_rejected_clearly(bad, message):
+    from semla_lab.predictor import as_image_tensor
+    with pytest.raises((ValueError, DataError), match=message):
+        as_image_tensor(bad)
+
+
+def test_predictor_accepts_path_pil_array_and_tensor(tmp_path):
+    from semla_lab.predictor import as_image_tensor
+    arr = np.random.default_rng(0).integers(0, 255, (5, 6, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    ref = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
+    for value in (tmp_path / "x.png", Image.fromarray(arr), arr, torch.from_numpy(arr).permute(2, 0, 1)):
+        assert torch.allclose(as_image_tensor(value), ref)
+
+
+def test_empty_domain_cannot_train_or_evaluate(tiny_segmenter):
+    from semla_lab.experiments import load_target
+    from semla_lab.train import train_adapter
+    with pytest.raises(ValueError, match="needs training images"):
+        train_adapter(tiny_segmenter, torch.zeros(2, 64), torch.zeros(0, 3, 64, 64, dtype=torch.uint8),
+                      torch.zeros(0, 64, 64, dtype=torch.uint8), "unused", "base")
+    import yaml
+    from semla_lab.world.generate import mini_dir
+    spec = yaml.safe_load((mini_dir() / "nyu.yaml").read_text())
+    spec.update(name="empty", splits={"train": 10, "test": 0})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "empty.yaml"
+        path.write_text(yaml.safe_dump(spec))
+        with pytest.raises(ValueError, match="no test images"):
+            load_target(str(path))
