@@ -110,23 +110,27 @@ def cmd_zero_shot(args):
     print(f"{'h-mean (targets)':18s} {harmonic_mean(targets):6.1f}")
 
 
-def _bundle(library_dir):
+def _bundle(args):
+    """Segmenter, CLIP and library for evaluate/ablate: the shipped ones unless paths are given. The
+    CLIP must be the library's embedding model; the segmenter is built around its architecture."""
     from .assets import load_segmenter
     from .clip import load_clip
     from .library import AdapterLibrary
     from .runtime import assets_dir
-    library = AdapterLibrary(library_dir or assets_dir() / "library")
+    library = AdapterLibrary(args.library or assets_dir() / "library")
     emb = library.embedder
-    clip = load_clip(emb.get("model", "semla-tiny-clip"))
+    clip = load_clip(args.clip or emb.get("model", "semla-tiny-clip"), pretrained=args.pretrained,
+                     checkpoint=args.checkpoint)
     if clip.identity(emb.get("normalize", True)) != emb:
         raise ValueError(f"library {library.root} was built with embedder {emb}, not {clip.identity(True)}")
-    return load_segmenter(clip=clip), clip, library
+    return load_segmenter(args.segmenter, clip=clip), clip, library
 
 
 def _eval_config(args, **over):
     from .experiments import EvalConfig
     return EvalConfig(**{"k": args.k, "tau": args.tau, "metric": args.metric, "weighting": args.weighting,
-                         "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images, **over})
+                         "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images,
+                         "image_size": args.image_size, **over})
 
 
 def cmd_evaluate(args):
@@ -136,7 +140,7 @@ def cmd_evaluate(args):
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
-    seg, clip, library = _bundle(args.library)
+    seg, clip, library = _bundle(args)
     payload = run_benchmark(seg, clip, library, args.targets or target_domains(), methods, cfg, args.out,
                             progress=not args.quiet)
     print(format_table(payload["results"]))
@@ -148,8 +152,8 @@ def cmd_ablate(args):
     from .experiments import ablation_grid, run_ablation
     from .world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
-                         max_images=[args.max_images], batch_size=[args.batch_size])
-    seg, clip, library = _bundle(args.library)
+                         max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size])
+    seg, clip, library = _bundle(args)
     table = run_ablation(seg, clip, library, args.targets or target_domains(), grid, args.methods, args.out,
                          progress=not args.quiet)
     print(table.to_string(index=False))
@@ -249,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     def knobs(q, multi: bool):
         many = (lambda kind: _csv(kind)) if multi else (lambda kind: kind)
         q.add_argument("--library", help="adapter library folder (default: the shipped one)")
+        q.add_argument("--clip", help="open_clip model name (default: the library's embedding model)")
+        q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
+        q.add_argument("--checkpoint", help="local CLIP weights (.safetensors, or a weights-only torch file)")
+        q.add_argument("--segmenter", help="base segmenter weights (default: the shipped one)")
+        q.add_argument("--image-size", type=int, help="resize dataset-folder and real targets to this size")
         q.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
         q.add_argument("--k", type=many(int), default=[5] if multi else 5)
         q.add_argument("--tau", type=many(float), default=[0.05] if multi else 0.05)

@@ -42,6 +42,7 @@ class EvalConfig:
     fusion: str = "cat"           # weight-level fusion of `semla`: "cat" (paper) or "linear" (peft)
     batch_size: int = 50
     max_images: int | None = None  # per target domain; None = the whole test split
+    image_size: int | None = None  # resize dataset-folder and real targets to this size
 
     def __post_init__(self):
         RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
@@ -65,9 +66,10 @@ class Target:
     ids: list[str]
 
 
-def load_target(target: str, max_images: int | None = None) -> Target:
+def load_target(target: str, max_images: int | None = None, image_size: int | None = None) -> Target:
     """A shipped domain name, a domain spec file (.yaml), a dataset folder with a manifest.json, or
-    "real:<domain>" for a real dataset described in data_manifests/real/."""
+    "real:<domain>" for a real dataset described in data_manifests/real/. Dataset and real images
+    are resized to `image_size` when given."""
     from .world.generate import generate, get_domain
     path = Path(target)
     if target.startswith("real:"):
@@ -76,14 +78,14 @@ def load_target(target: str, max_images: int | None = None) -> Target:
         if domain not in real_domains():
             raise KeyError(f"unknown real domain {domain!r}; known: {', '.join(real_domains())}")
         ds = RealDataset(real_domains()[domain][0], split="val", domain=domain, max_samples=max_images)
-        return _target_from_items(domain, ds, ds.classes)
+        return stack_items(domain, (ds[i] for i in range(len(ds))), ds.classes, image_size)
     if path.is_dir():
         from .data import SegmentationDataset
         ds = SegmentationDataset(path, split="test") if _has_split(path, "test") else SegmentationDataset(path)
         items = [ds[i] for i in range(min(len(ds), max_images or len(ds)))]
-        return _target_from_items(ds.name, items, ds.classes)
+        return stack_items(ds.name, items, ds.classes, image_size)
     spec = get_domain(target)
-    split = generate(spec, "test", max_images if max_images is not None else None)
+    split = generate(spec, "test", max_images if max_images is not None else None, image_size)
     if len(split) == 0:
         raise ValueError(f"target domain {spec.name!r} has no test images (splits: {spec.splits})")
     return Target(spec.name, split.images, split.labels, spec.class_names, split.ids)
@@ -94,14 +96,25 @@ def _has_split(path: Path, split: str) -> bool:
     return any(s.get("split") == split for s in read_manifest(path)["samples"])
 
 
-def _target_from_items(name: str, items, classes) -> Target:
-    items = list(items)
-    sizes = {tuple(it["image"].shape) for it in items}
+def stack_items(name: str, items, classes, size: int | None = None) -> Target:
+    """Dataset items (see data.py) as one Target, resized to size x size when given (bilinear images,
+    nearest labels) so that images of several sizes stack."""
+    import torch.nn.functional as F
+    images, labels, ids = [], [], []
+    for it in items:
+        img, lab = it["image"][None], it["label"][None, None].float()
+        if size is not None:
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            lab = F.interpolate(lab, size=(size, size), mode="nearest")
+        images.append((img[0].clamp(0, 1) * 255).round().to(torch.uint8))
+        labels.append(lab[0, 0].long())
+        ids.append(it["id"])
+    if not images:
+        raise ValueError(f"target {name!r} has no images")
+    sizes = {tuple(t.shape) for t in images}
     if len(sizes) != 1:
-        raise ValueError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; resize to one size first")
-    images = torch.stack([(it["image"] * 255).round().to(torch.uint8) for it in items])
-    labels = torch.stack([it["label"] for it in items])
-    return Target(name, images, labels, list(classes), [it["id"] for it in items])
+        raise ValueError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; pass an image size to resize")
+    return Target(name, torch.stack(images), torch.stack(labels), list(classes), ids)
 
 
 @torch.no_grad()
@@ -218,7 +231,7 @@ def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=ME
     engine = LibraryModel(segmenter, library, device)
     per_domain, counts, records = {}, {}, []
     for name in tqdm(targets, desc="targets", disable=not progress):
-        target = load_target(name, cfg.max_images)
+        target = load_target(name, cfg.max_images, cfg.image_size)
         per_domain[target.name], recs = evaluate_target(engine, clip, target, methods, cfg)
         counts[target.name] = len(target.images)
         records += recs
@@ -256,10 +269,10 @@ def run_ablation(segmenter, clip: Clip, library, targets: list[str], configs: li
     for cfg in tqdm(configs, desc="ablation", disable=not progress):
         per_domain = {}
         for name in targets:
-            key = (name, cfg.max_images)
-            loaded.setdefault(key, load_target(name, cfg.max_images))
+            key = (name, cfg.max_images, cfg.image_size)
+            loaded.setdefault(key, load_target(name, cfg.max_images, cfg.image_size))
             per_domain[name], _ = evaluate_target(engine, clip, loaded[key], methods, cfg)
-        knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images")}
+        knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images", "image_size")}
         for m in methods:
             scores = [per_domain[d][m] for d in targets if m in per_domain[d]]
             rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),

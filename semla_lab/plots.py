@@ -222,10 +222,11 @@ def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float
     fig, axes = plt.subplots(1, len(tables), figsize=figsize, squeeze=False, sharey=True)
     ref_colors = ("tab:blue", "tab:green", "tab:purple", "tab:brown", "tab:gray")
     for ax, (knob, table) in zip(axes[0], tables.items()):
-        groups = table.groupby(hue, sort=False) if hue and hue in table else [("SemLA", table)]
+        split = bool(hue) and hue in table and table[hue].nunique() > 1
+        groups = table.groupby(hue, sort=False) if split else [("SemLA", table)]
         for i, (name, rows) in enumerate(groups):
             ax.plot(rows[knob], rows[y], marker="o", color=("k", "tab:orange", "tab:red")[i % 3],
-                    label=f"SemLA, {hue}={name}" if hue and hue in table else name)
+                    label=f"SemLA, {hue}={name}" if split else name)
         for color, (name, value) in zip(ref_colors, (references or {}).items()):
             ax.axhline(value, linestyle="--", linewidth=1, color=color, label=name)
         if knob in log_x:
@@ -234,7 +235,7 @@ def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float
         ax.set_xticks(values, [f"{v:g}" for v in values])
         ax.minorticks_off()
         ax.set_xlabel(knob)
-        ax.legend(fontsize=7)
+    axes[0, 0].legend(fontsize=7)
     axes[0, 0].set_ylabel(y)
     fig.tight_layout()
     return fig

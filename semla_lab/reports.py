@@ -410,24 +410,10 @@ def real_tensors(dataset: str, split: str = "train", domain: str | None = None, 
                  max_samples: int | None = None, root: str | Path | None = None):
     """A real dataset split as an experiments.Target (uint8 images, labels, class names, ids), resized
     to size x size when given (bilinear images, nearest labels) so that images of any size stack."""
-    import torch.nn.functional as F
-    from .experiments import Target
+    from .experiments import stack_items
     from .real_data import RealDataset
     ds = RealDataset(dataset, split=split, domain=domain, root=root, max_samples=max_samples)
-    images, labels, ids = [], [], []
-    for i in range(len(ds)):
-        item = ds[i]
-        img, lab = item["image"][None], item["label"][None, None].float()
-        if size is not None:
-            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            lab = F.interpolate(lab, size=(size, size), mode="nearest")
-        images.append((img[0].clamp(0, 1) * 255).round().to(torch.uint8))
-        labels.append(lab[0, 0].to(torch.uint8))
-        ids.append(item["id"])
-    sizes = {tuple(t.shape) for t in images}
-    if len(sizes) != 1:
-        raise ValueError(f"{dataset} images have several sizes {sorted(sizes)[:3]}; pass size= to resize them")
-    return Target(domain or ds.domain or dataset, torch.stack(images), torch.stack(labels), list(ds.classes), ids)
+    return stack_items(domain or ds.domain or dataset, (ds[i] for i in range(len(ds))), ds.classes, size)
 
 
 def lora_targets(model: torch.nn.Module, pattern: str | None = None, r: int = 8) -> pd.DataFrame:
