@@ -18,7 +18,6 @@ fixes (cheaper embedding, reusing the segmenter's encoder, a faster fused layer,
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from common import (MODELS, T_CLASSES, fmt_s, fmt_x, inputs, measure, measure_interleaved, paired_difference,
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from semla_lab.clip import Clip, embed_images
-from semla_lab.fusion import FusedLoRALinear, peft_weighted_forward
+from semla_lab.fusion import peft_weighted_forward
 from semla_lab.retrieval import RetrievalConfig, retrieve
 
 LIBRARY_SIZE, K = 20, 5
@@ -220,54 +219,6 @@ def clip_at(size: int, device: torch.device) -> Clip:
     return Clip(model, f"semla-tiny-clip@{size}px", "random", open_clip.get_tokenizer("semla-tiny-clip"), None)
 
 
-def _proposed_forward(self: FusedLoRALinear, x: torch.Tensor) -> torch.Tensor:
-    """Proposed FusedLoRALinear.forward for cat fusion: index_select gathers (not advanced indexing), B stored
-    as (L, r, out) so the gathered factors are already (B, K*r, out), and the add fused into baddbmm."""
-    sel = self.state.get("selection")
-    if sel is None or sel.fusion != "cat":
-        return _ORIGINAL_FORWARD(self, x)
-    out = self.base(x)
-    idx = sel.indices
-    n_img, k = idx.shape
-    flat = idx.reshape(-1)
-    _, r, d_in = self.A.shape
-    coef = (sel.weights * self.scaling.index_select(0, flat).view(n_img, k)).to(x.dtype)
-    A = self.A.index_select(0, flat).view(n_img, k * r, d_in).to(x.dtype)          # (B, K r, in)
-    Bt = self._bench_Bt.index_select(0, flat).view(n_img, k * r, -1).to(x.dtype)    # (B, K r, out)
-    squeeze = x.dim() == 2
-    xs, base = (x[:, None], out[:, None]) if squeeze else (x, out)
-    h = torch.bmm(xs, A.transpose(1, 2)) * coef.repeat_interleave(r, dim=1)[:, None]   # (B, N, K r)
-    res = torch.baddbmm(base, h, Bt)
-    return res[:, 0] if squeeze else res
-
-
-_ORIGINAL_FORWARD = FusedLoRALinear.forward
-
-
-@contextmanager
-def proposed_buffers(model: torch.nn.Module):
-    """Give every FusedLoRALinear of `model` its B as (L, r, out), as the proposed install step would."""
-    layers = [m for m in model.modules() if isinstance(m, FusedLoRALinear)]
-    for m in layers:
-        m._bench_Bt = m.B.transpose(1, 2).contiguous()
-    try:
-        yield
-    finally:
-        for m in layers:
-            del m._bench_Bt
-
-
-def with_proposed_layer(fn):
-    """`fn` run with the proposed FusedLoRALinear.forward (needs `proposed_buffers`)."""
-    def run():
-        FusedLoRALinear.forward = _proposed_forward
-        try:
-            return fn()
-        finally:
-            FusedLoRALinear.forward = _ORIGINAL_FORWARD
-    return run
-
-
 def semla_variant(b: Bench, images, text, embed_fn, k: int = K):
     """SemLA total with another embedding step and/or another K (softmax over the k nearest)."""
     r = retrieve(embed_fn(images), b.lib.centroids, b.lib.names, RetrievalConfig(k=k, tau=CONFIG.tau))
@@ -279,7 +230,7 @@ def candidates(b: Bench, s: dict, quick: bool) -> list[dict]:
     interleaved, ratios are medians of per-run pairs. On a CPU the ViT-B/16 model gets the fused-layer
     candidate only (its embedding is < 1% of the time), at batch 4 of the 16 images (3 runs fit the time)."""
     heavy = b.kind != "tiny" and b.device.type == "cpu"
-    few = heavy or quick          # --quick: the 32-px CLIP and the proposed fused layer only
+    few = heavy or quick          # --quick: the 32-px CLIP only
     images, text = (s["images"][:4] if heavy else s["images"]), s["text"]
     reps = 3 if few else 9
     to32 = lambda x: F.interpolate(x, size=32, mode="bilinear", antialias=True, align_corners=False)  # noqa: E731
@@ -297,25 +248,16 @@ def candidates(b: Bench, s: dict, quick: bool) -> list[dict]:
     if not few:
         fns["reuse the segmenter's encoder: a base pass of its vision tower gives the CLS embedding"] = (
             lambda: semla_variant(b, images, text, lambda x: F.normalize(b.seg.visual(norm(x)), dim=-1).cpu()))
-    fns["proposed FusedLoRALinear.forward (index_select gathers, B stored (L,r,out), baddbmm)"] = (
-        with_proposed_layer(lambda: semla_total(b, images, text)))
     if not few:
         for k in (1, 2, 3):
             fns[f"K={k} instead of {K} (fewer adapters per image; softmax over the k nearest)"] = (
                 lambda k=k: semla_variant(b, images, text, lambda x: embed(b, x), k))
-        fns["combined: 32-px CLIP + proposed fused layer"] = (
-            with_proposed_layer(lambda: semla_variant(b, images, text, embed32)))
-        fns["combined: 32-px CLIP + proposed fused layer + K=2"] = (
-            with_proposed_layer(lambda: semla_variant(b, images, text, embed32, 2)))
-    with proposed_buffers(b.lib.fused_model):
-        t = measure_interleaved(fns, b.device, reps, 1)
-        r = retrieval(b, embed(b, images))
-        diff = (with_proposed_layer(lambda: fused_forward(b, images, text, r))()
-                - fused_forward(b, images, text, r)).abs().max().item()
+        fns["combined: 32-px CLIP + K=2"] = lambda: semla_variant(b, images, text, embed32, 2)
+    t = measure_interleaved(fns, b.device, reps, 1)
     base, current = list(fns)[:2]
     rows = []
     for name in fns:
-        label = name + (f"; max |diff| to current {diff:.1e}" if name.startswith("proposed") else "")
+        label = name
         cpu = b.device.type == "cpu"
         rows.append({"model": b.kind, "batch": images.shape[0], "candidate": label, "semla_total_s": t[name].median,
                      "ratio_to_base": paired_ratio(t[name], t[base]),

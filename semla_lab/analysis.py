@@ -243,7 +243,7 @@ def method_masks(predictor, class_names: Sequence[str], oracle: str | None = Non
         model = predictor.model
         text = embed_class_names(predictor.clip, list(class_names), device=model.device)
         idx = torch.tensor([[model.names.index(oracle)]])
-        masks["oracle"] = model.logits(predictor._image[None], text, idx, torch.ones(1, 1))[0].argmax(0).cpu()
+        masks["oracle"] = model.logits(predictor.image[None], text, idx, torch.ones(1, 1))[0].argmax(0).cpu()
     return masks
 
 

@@ -255,6 +255,7 @@ def ablation_grid(**axes) -> list[EvalConfig]:
     bad = set(axes) - fields
     if bad:
         raise ValueError(f"unknown knob(s) {sorted(bad)}; knobs: {sorted(fields)}")
+    axes = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}   # scalars: one value
     keys = list(axes)
     return [EvalConfig(**dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
 

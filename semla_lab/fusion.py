@@ -15,6 +15,7 @@ B_i A_j appear. Notebook 05 derives both by hand and checks them against peft.
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -147,5 +148,7 @@ def peft_weighted_forward(peft_model, adapters: list[str], weights: list[float],
         with torch.no_grad():
             return peft_model(*inputs)
     finally:
-        peft_model.delete_adapter("_fused")
+        with warnings.catch_warnings():    # "Adapter _fused was active which is now deleted": expected
+            warnings.simplefilter("ignore", UserWarning)
+            peft_model.delete_adapter("_fused")
         peft_model.base_model.disable_adapter_layers()

@@ -115,6 +115,12 @@ class SemLAPredictor:
                                   self.config, exclude=exclude)
         return self.retrieval
 
+    @property
+    def image(self) -> torch.Tensor:
+        """The current image (3, H, W) float in [0, 1]."""
+        self._require_image()
+        return self._image
+
     def _require_image(self):
         if self._image is None:
             raise RuntimeError("call set_image(image) before predict() or explain()")
