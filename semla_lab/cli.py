@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -309,12 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
     for q in sub.choices.values():
         q.add_argument("--quiet", action="store_true", help="no progress bars")
         q.add_argument("--threads", type=int, help="torch threads (default: $SEMLA_THREADS or 1)")
+        q.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: $SEMLA_DEVICE, else CUDA if available)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from .runtime import configure_threads
     args = build_parser().parse_args(argv)
+    if args.device:
+        os.environ["SEMLA_DEVICE"] = args.device        # read by runtime.resolve_device everywhere
     try:
         configure_threads(args.threads)
         args.func(args)
