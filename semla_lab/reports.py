@@ -419,11 +419,10 @@ def real_tensors(dataset: str, split: str = "train", domain: str | None = None, 
 def lora_targets(model: torch.nn.Module, pattern: str | None = None, r: int = 8) -> pd.DataFrame:
     """The nn.Linear modules a peft LoRA with regex `pattern` (default segmenter.LORA_TARGETS) would
     adapt: in/out features and the LoRA parameters r * (in + out) each."""
-    import re
+    from .lora import lora_targets as target_modules
     from .segmenter import LORA_TARGETS
-    rx = re.compile(pattern or LORA_TARGETS)
     rows = [{"module": n, "in": m.in_features, "out": m.out_features, "lora params": r * (m.in_features + m.out_features)}
-            for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and rx.fullmatch(n)]
+            for n, m in target_modules(model, pattern or LORA_TARGETS).items()]
     return pd.DataFrame(rows, columns=["module", "in", "out", "lora params"])
 
 
