@@ -139,3 +139,21 @@ def test_segmenter_transfers_to_names_it_never_trained_with(bundle):
     right_miou, wrong_miou = evaluate_model(seg, clip, right), evaluate_model(seg, clip, wrong)
     chance = 100 / len(names) / 2        # IoU of uniform random guessing is below 1/(2T) per class
     assert right_miou > 3 * chance and right_miou > wrong_miou + 10, (right_miou, wrong_miou)
+
+
+def test_dataset_folder_is_a_target(bundle, tmp_path):
+    """Any dataset folder in the shared format (here written from a mini-world domain) can be evaluated."""
+    from semla_lab.data import write_dataset
+    from semla_lab.world.generate import generate, shipped_domains
+    spec = shipped_domains()["acdc_rain"]
+    data = generate(spec, "test", 4)
+    write_dataset(tmp_path / "mine", "mine", spec.class_names,
+                  [{"id": data.ids[i], "image": data.images[i], "label": data.labels[i], "split": "test",
+                    "domain": "mine"} for i in range(4)])
+    seg, clip, lib = bundle
+    payload = run_benchmark(seg, clip, lib, [str(tmp_path / "mine")], ["zero_shot", "semla"], EvalConfig(),
+                            device="cpu", progress=False)
+    assert payload["results"]["semla"]["num_images"] == {"mine": 4}
+    direct = run_benchmark(seg, clip, lib, ["acdc_rain"], ["zero_shot"], EvalConfig(max_images=4, batch_size=4),
+                           device="cpu", progress=False)
+    assert payload["results"]["zero_shot"]["per_domain"]["mine"] == direct["results"]["zero_shot"]["per_domain"]["acdc_rain"]
