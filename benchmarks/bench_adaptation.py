@@ -10,9 +10,13 @@ of 20 random LoRA adapters (r=8, alpha=16 on every attention / MLP Linear of the
   official  per image, as the official code does: embed one image + retrieve + peft
             add_weighted_adapter(cat) + set_adapter + forward + delete_adapter
 
-Then the fusion step alone, (fused forward - base forward) against peft's merge + set + delete for the
-same images, and, when SemLA misses 1.10x the base forward at batch 16, a profile and measured candidate
-fixes (cheaper embedding, reusing the segmenter's encoder, a faster fused layer, smaller K).
+Then the fusion step alone: building each image's fused `cat` adapter for every LoRA target
+(FusedAdapters.fused_lora, the factors the fused forward gathers) against peft's add_weighted_adapter(cat)
++ set + delete for the same images; and, like for like, (fused forward - base forward) against the
+official merges plus their LoRA compute. FLOP counts (torch.utils.flop_counter) give each row's ratio on
+a compute-bound machine, the floor no implementation can beat. When SemLA misses 1.10x the base forward
+at batch 16: a profile and measured candidate fixes (cheaper embedding, reusing the segmenter's encoder,
+smaller K).
 
     python benchmarks/bench_adaptation.py [--quick] [--device cuda] [--json out.json] [--models tiny vitb16]
 """
@@ -20,9 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common import (MODELS, T_CLASSES, fmt_s, fmt_x, inputs, measure, measure_interleaved, paired_difference,
-                    paired_ratio, parser, payload, peft_merge_only, quiet_stderr, random_library, segmenter, setup,
-                    sync, table, target_lines, tiny_clip, write_json)
+from common import (MODELS, T_CLASSES, count_flops, fmt_s, fmt_x, inputs, measure, measure_interleaved,
+                    paired_difference, paired_ratio, parser, payload, peft_merge_only, quiet_stderr, random_library,
+                    segmenter, setup, sync, table, target_lines, tiny_clip, write_json)
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +112,10 @@ def official(b: Bench, images, text):
     return outs
 
 
+def fuse_only(b: Bench, r):
+    return b.lib.fused.fused_lora(r.indices, r.weights)
+
+
 def merge_only(b: Bench, r):
     names = [b.lib.names[j] for j in r.indices[0].tolist()]
     peft_merge_only(b.lib.peft_model, names, r.weights[0].tolist())
@@ -116,10 +124,18 @@ def merge_only(b: Bench, r):
 # ---- tables ------------------------------------------------------------------------------------------
 
 def row(b: Bench, batch: int, measured: str, seconds: float, ratio: float, cpu_ratio: float | None,
-        how: str = "measured") -> dict:
+        flop_ratio: float | None, how: str = "measured") -> dict:
     return {"model": b.kind, "batch": batch, "measured": measured, "median_s": seconds,
             "per_image_s": seconds / batch, "ratio_to_base": ratio,
-            "cpu_ratio_to_base": cpu_ratio if b.device.type == "cpu" else None, "how": how}
+            "cpu_ratio_to_base": cpu_ratio if b.device.type == "cpu" else None, "flop_ratio_to_base": flop_ratio,
+            "how": how}
+
+
+def flop_ratios(b: Bench, images, text, r) -> dict:
+    """FLOPs of embed and fused forward over FLOPs of the base forward (per image: the same at any batch)."""
+    base = count_flops(lambda: base_forward(b, images, text))
+    return {"embed": count_flops(lambda: embed(b, images)) / base,
+            "fused": count_flops(lambda: fused_forward(b, images, text, r)) / base}
 
 
 def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None) -> tuple[list[dict], dict]:
@@ -137,6 +153,8 @@ def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None)
     t_embed = measure(lambda: embed(b, images), b.device, max(p.reps, 5), 1)
     t_retr = measure(lambda: retrieval(b, emb), b.device, 20, 2)
     t_merge = measure(lambda: merge_only(b, r), b.device, 5 if p.official > 1 else 3, 1)
+    t_fuse = measure(lambda: fuse_only(b, r), b.device, 20, 2)
+    flops = single["flops"] if single else flop_ratios(b, images, text, r)
     n_off = batch if p.official_images is None else min(batch, p.official_images)
     t_off = measure(lambda: official(b, images[:n_off], text), b.device, p.official,
                     1 if batch == 1 else 0)                              # batch 1 warmed the loop up
@@ -155,35 +173,41 @@ def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None)
         fused = (semla[0] - steps / base, semla[1] - steps_cpu / base_cpu)
         fusion_semla = paired_difference(t["semla"], t["base"]) - steps
         how_fused = "derived: SemLA total - embed - retrieve"
+    flops_total = flops["embed"] + flops["fused"]
     rows = [
-        row(b, batch, "base forward (no adapters)", base, 1.0, 1.0),
+        row(b, batch, "base forward (no adapters)", base, 1.0, 1.0, 1.0),
         row(b, batch, "SemLA: embed (separate tiny CLIP, 64 px)", t_embed.median, t_embed.median / base,
-            t_embed.cpu_median / base_cpu),
+            t_embed.cpu_median / base_cpu, flops["embed"]),
         row(b, batch, f"SemLA: retrieve top-{K} of {LIBRARY_SIZE} centroids", t_retr.median, t_retr.median / base,
-            t_retr.cpu_median / base_cpu),
-        row(b, batch, f"SemLA: fused forward (K={K}, per-image adapters)", fused_s, *fused, how_fused),
-        row(b, batch, "SemLA total: embed + retrieve + fused forward", t["semla"].median, *semla),
+            t_retr.cpu_median / base_cpu, None),
+        row(b, batch, f"SemLA: fused forward (K={K}, per-image adapters)", fused_s, *fused, flops["fused"],
+            how_fused),
+        row(b, batch, "SemLA total: embed + retrieve + fused forward", t["semla"].median, *semla, flops_total),
         row(b, batch, "official: per image embed + retrieve + peft cat merge + forward + delete",
             t_off.median * scale_off, t_off.median * scale_off / base, t_off.cpu_median * scale_off / base_cpu,
-            "measured" if n_off == batch else f"{n_off} of {batch} images timed, scaled"),
+            None, "measured" if n_off == batch else f"{n_off} of {batch} images timed, scaled"),
     ]
     fusion_semla = max(fusion_semla, 1e-6)     # guard: on a noisy machine the difference can vanish
     fusion_official = t_merge.median * batch
     one = single or {"embed": t_embed.median, "retrieve": t_retr.median, "base": base}   # batch-1 step costs
     fusion_official_all = t_off.median * scale_off - batch * (one["embed"] + one["retrieve"] + one["base"])
     fusion = [
-        {"model": b.kind, "batch": batch, "measured": "fusion step, SemLA: fused forward - base forward",
-         "median_s": fusion_semla, "speedup": 1.0},
+        {"model": b.kind, "batch": batch, "measured": "fusion step, SemLA: every image's fused cat adapter, all "
+         "LoRA targets (FusedAdapters.fused_lora)", "median_s": t_fuse.median, "speedup": 1.0},
         {"model": b.kind, "batch": batch, "measured": f"fusion step, official: peft add_weighted_adapter(cat) + set "
-         f"+ delete, x{batch} images", "median_s": fusion_official, "speedup": fusion_official / fusion_semla},
-        {"model": b.kind, "batch": batch, "measured": "  like for like: official total - its embeds, retrievals "
-         "and base forwards (= merges + its LoRA compute)", "median_s": fusion_official_all,
+         f"+ delete, x{batch} images", "median_s": fusion_official, "speedup": fusion_official / t_fuse.median},
+        {"model": b.kind, "batch": batch, "measured": "fusion + LoRA compute, SemLA: fused forward - base forward",
+         "median_s": fusion_semla, "speedup": 1.0},
+        {"model": b.kind, "batch": batch, "measured": "fusion + LoRA compute, official: its total - its embeds, "
+         "retrievals and base forwards", "median_s": fusion_official_all,
          "speedup": fusion_official_all / fusion_semla},
     ]
     summary = {"base": base, "embed": t_embed.median, "retrieve": t_retr.median, "semla": t["semla"].median,
                "semla_ratio": semla[0], "semla_cpu_ratio": semla[1] if b.device.type == "cpu" else None,
-               "fusion_semla": fusion_semla, "merge_per_image": t_merge.median,
-               "fusion_speedup": fusion_official / fusion_semla, "images": images, "text": text}
+               "fusion_semla": fusion_semla, "merge_per_image": t_merge.median, "fuse": t_fuse.median,
+               "fusion_speedup": fusion_official / t_fuse.median,
+               "like_for_like_speedup": fusion_official_all / fusion_semla, "flops": flops,
+               "flop_floor": flops_total, "images": images, "text": text}
     return rows, summary | {"fusion_rows": fusion}
 
 
@@ -254,12 +278,13 @@ def candidates(b: Bench, s: dict, quick: bool) -> list[dict]:
                 lambda k=k: semla_variant(b, images, text, lambda x: embed(b, x), k))
         fns["combined: 32-px CLIP + K=2"] = lambda: semla_variant(b, images, text, embed32, 2)
     t = measure_interleaved(fns, b.device, reps, 1)
+    flops = {name: count_flops(fn) for name, fn in fns.items()}
     base, current = list(fns)[:2]
     rows = []
+    cpu = b.device.type == "cpu"
     for name in fns:
-        label = name
-        cpu = b.device.type == "cpu"
-        rows.append({"model": b.kind, "batch": images.shape[0], "candidate": label, "semla_total_s": t[name].median,
+        rows.append({"model": b.kind, "batch": images.shape[0], "candidate": name, "semla_total_s": t[name].median,
+                     "flop_ratio_to_base": flops[name] / flops[base],
                      "ratio_to_base": paired_ratio(t[name], t[base]),
                      "cpu_ratio_to_base": paired_ratio(t[name], t[base], cpu=True) if cpu else None,
                      "change_vs_current": paired_ratio(t[name], t[current]),
@@ -293,27 +318,35 @@ def main(argv=None) -> dict:
             print(table(batch_rows, [("measured", f"{MODELS[kind]}, batch {batch}", None),
                                      ("median_s", "time", fmt_s), ("per_image_s", "per image", fmt_s),
                                      ("ratio_to_base", "x base", fmt_x),
-                                     ("cpu_ratio_to_base", "x base, CPU time", fmt_x), ("how", "how", None)]) + "\n")
+                                     ("cpu_ratio_to_base", "x base, CPU time", fmt_x),
+                                     ("flop_ratio_to_base", "x base, FLOPs", fmt_x), ("how", "how", None)]) + "\n")
             print(table(s["fusion_rows"], [("measured", "fusion step", None), ("median_s", "time", fmt_s),
                                            ("speedup", "SemLA faster by", fmt_x)]) + "\n")
             targets.append({"name": f"fusion step {kind} batch {batch}", "goal": f">= {TARGET_FUSION:.0f}x faster "
-                            "than peft merge + set + delete", "measured": fmt_x(s["fusion_speedup"]),
-                            "value": s["fusion_speedup"], "met": s["fusion_speedup"] >= TARGET_FUSION})
+                            "than peft merge + set + delete", "measured": fmt_x(s["fusion_speedup"]) +
+                            f" (with the LoRA compute both paths then run: {fmt_x(s['like_for_like_speedup'])})",
+                            "value": s["fusion_speedup"], "value_like_for_like": s["like_for_like_speedup"],
+                            "met": s["fusion_speedup"] >= TARGET_FUSION})
             if batch == 16:
                 ratio = s["semla_ratio"]
                 on = "CPU" if device.type == "cpu" else f"{device.type} (the target is stated for CPU)"
                 cpu_ratio = s["semla_cpu_ratio"]
                 targets.append({"name": f"SemLA total {kind} batch 16 on {on}", "goal": f"<= {TARGET_TOTAL:.2f}x base",
                                 "measured": fmt_x(ratio) + ("" if cpu_ratio is None else
-                                                            f" (in CPU time: {fmt_x(cpu_ratio)})"),
-                                "value": ratio, "value_cpu_time": cpu_ratio, "met": ratio <= TARGET_TOTAL,
+                                                            f" (in CPU time: {fmt_x(cpu_ratio)})")
+                                + f"; FLOP floor {fmt_x(s['flop_floor'])}",
+                                "value": ratio, "value_cpu_time": cpu_ratio, "flop_floor": s["flop_floor"],
+                                "met": ratio <= TARGET_TOTAL,
                                 "met_in_cpu_time": None if cpu_ratio is None else cpu_ratio <= TARGET_TOTAL})
                 if ratio > TARGET_TOTAL or (cpu_ratio or 0) > TARGET_TOTAL:
                     shares = [("embed", s["embed"]), ("retrieve", s["retrieve"]), ("fused - base", s["fusion_semla"])]
                     print(f"{kind} batch 16 misses {TARGET_TOTAL:.2f}x ({fmt_x(ratio)} wall"
                           + ("" if cpu_ratio is None else f", {fmt_x(cpu_ratio)} CPU time") + "). Time SemLA adds to the base "
                           "forward: " + ", ".join(f"{n} {fmt_s(t)} ({t / sum(x for _, x in shares):.0%})"
-                                                  for n, t in shares) + "\n")
+                                                  for n, t in shares)
+                          + f". FLOP floor: {fmt_x(s['flop_floor'])} (embed {fmt_x(s['flops']['embed'])}, fused "
+                          f"forward {fmt_x(s['flops']['fused'])})" + (" - out of reach at this K and rank"
+                                                                      if s["flop_floor"] > TARGET_TOTAL else "") + "\n")
                     # ViT-B/16 on a CPU: profile 4 of the 16 images (op shares barely depend on the batch there)
                     n_prof = 4 if kind != "tiny" and device.type == "cpu" else 16
                     ops = profile_ops(b, s["images"][:n_prof], s["text"])
@@ -328,6 +361,7 @@ def main(argv=None) -> dict:
                     print(table(cand, [("candidate", f"candidates, {kind} batch {cand[0]['batch']} (all interleaved; "
                                        "time = SemLA total)", None), ("semla_total_s", "time", fmt_s),
                                        ("ratio_to_base", "x base", fmt_x),
+                                       ("flop_ratio_to_base", "x base, FLOPs", fmt_x),
                                        ("change_vs_current", "vs current", fmt_x),
                                        ("cpu_ratio_to_base", "x base, CPU time", fmt_x),
                                        ("cpu_change_vs_current", "vs current, CPU time", fmt_x),

@@ -136,6 +136,17 @@ def measure_interleaved(fns: dict[str, Callable[[], object]], device: torch.devi
     return {name: Timing([w for w, _ in r], [c for _, c in r]) for name, r in runs.items()}
 
 
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations of one call of `fn()` (torch.utils.flop_counter: matmuls, convolutions,
+    attention; elementwise ops are not counted). Machine-independent: the ratio of two counts is the
+    speed ratio a compute-bound device would reach."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
 @contextmanager
 def quiet_stderr():
     """Silence C++-level stderr (torch.profiler's kineto prints start/stop lines) inside the block."""

@@ -46,28 +46,35 @@ class FusedLoRALinear(nn.Module):
         self.register_buffer("scaling", scaling, persistent=False)
         self.state = state           # shared with the FusedAdapters that installed this layer
 
+    def fuse(self, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The fusion step for this layer, every image at once: A_cat (B, K r, in) and B_cat^T (B, K r, out)
+        gathered from the library, and the row scales w_i s_i (B, K r) of A_cat."""
+        n, k = sel.indices.shape
+        flat = sel.indices.reshape(-1)
+        r, d_in = self.A.shape[1:]
+        scale = (sel.weights * self.scaling.index_select(0, flat).view(n, k)).repeat_interleave(r, dim=1)
+        return (self.A.index_select(0, flat).view(n, k * r, d_in),
+                self.Bt.index_select(0, flat).view(n, k * r, -1), scale)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         sel: Selection | None = self.state.get("selection")
         if sel is None:
             return out
-        idx = sel.indices
-        n, k = idx.shape
-        flat = idx.reshape(-1)
-        coef = (sel.weights * self.scaling.index_select(0, flat).view(n, k)).to(x.dtype)   # (B, K)
+        n = sel.indices.shape[0]
         squeeze = x.dim() == 2
         xs, base = (x[:, None], out[:, None]) if squeeze else (x, out)           # (B, N, in), (B, N, out)
         assert xs.shape[0] == n, f"batch {xs.shape[0]} but selection for {n} images"
-        r, d_in = self.A.shape[1:]
-        if sel.fusion == "cat":      # A_cat (B, K r, in) with w s folded into h; B_cat^T (B, K r, out)
-            A = self.A.index_select(0, flat).view(n, k * r, d_in).to(x.dtype)
-            Bt = self.Bt.index_select(0, flat).view(n, k * r, -1).to(x.dtype)
-            h = torch.bmm(xs, A.transpose(1, 2)) * coef.repeat_interleave(r, dim=1)[:, None]   # (B, N, K r)
-            res = torch.baddbmm(base, h, Bt)
+        if sel.fusion == "cat":      # the scales go on h (B, N, K r), fewer numbers than A_cat when N < in
+            A, Bt, scale = self.fuse(sel)
+            h = torch.bmm(xs, A.transpose(1, 2).to(x.dtype)).mul_(scale.to(x.dtype)[:, None])
+            res = base.baddbmm_(h, Bt.to(x.dtype))   # in place: a new (B, N, out) tensor costs page faults on CPU
         else:  # linear: mix the factors first, as peft does
+            idx = sel.indices
+            coef = sel.weights * self.scaling[idx]                                 # (B, K)
             A, B = self.A[idx].to(x.dtype), self.B[idx].to(x.dtype)               # (B, K, r, in), (B, K, out, r)
-            root = coef.abs().sqrt()
-            A_mix = torch.einsum("bk,bkri->bri", root * coef.sign(), A)
+            root = coef.abs().sqrt().to(x.dtype)
+            A_mix = torch.einsum("bk,bkri->bri", root * coef.sign().to(x.dtype), A)
             B_mix = torch.einsum("bk,bkor->bor", root, B)
             res = base + torch.einsum("bnr,bor->bno", torch.einsum("bni,bri->bnr", xs, A_mix), B_mix)
         return res[:, 0] if squeeze else res
@@ -92,6 +99,7 @@ class FusedAdapters:
             raise ValueError("FusedAdapters needs at least one adapter")
         self.model, self.names = model, list(adapters)
         self.state: dict = {}
+        self.layers: dict[str, FusedLoRALinear] = {}
         factors: dict[str, dict[str, list]] = {}
         for name, (weights, _) in adapters.items():
             for key, tensor in weights.items():
@@ -112,13 +120,12 @@ class FusedAdapters:
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"LoRA target {path} is a {type(base).__name__}, expected nn.Linear")
             device = base.weight.device
-            setattr(parent, child, FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
-                                                   torch.stack(ab["B"]).to(device), scaling.to(device), self.state))
+            self.layers[path] = FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
+                                                torch.stack(ab["B"]).to(device), scaling.to(device), self.state)
+            setattr(parent, child, self.layers[path])
         self.modules = sorted(factors)
 
-    @contextmanager
-    def select(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str = "cat"):
-        """Activate per-image fusion: indices (B, K) long, weights (B, K)."""
+    def _selection(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str) -> Selection:
         if fusion not in FUSION_TYPES:
             raise ValueError(f"unknown fusion {fusion!r}; expected one of {FUSION_TYPES}")
         if indices.shape != weights.shape or indices.dim() != 2:
@@ -126,11 +133,27 @@ class FusedAdapters:
         if len(self.names) and (indices.min() < 0 or indices.max() >= len(self.names)):
             raise ValueError(f"adapter indices must lie in [0, {len(self.names)})")
         device = next(iter(self.model.parameters())).device
-        self.state["selection"] = Selection(indices.to(device), weights.to(device).float(), fusion)
+        return Selection(indices.to(device), weights.to(device).float(), fusion)
+
+    @contextmanager
+    def select(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str = "cat"):
+        """Activate per-image fusion: indices (B, K) long, weights (B, K)."""
+        self.state["selection"] = self._selection(indices, weights, fusion)
         try:
             yield
         finally:
             self.state.pop("selection", None)
+
+    def fused_lora(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each image's fused `cat` adapter, as peft's add_weighted_adapter(cat) stores it (with scaling 1):
+        {module path: (lora_A (B, K r, in), lora_B (B, out, K r))}. The forward under `select` never builds
+        these: it gathers the same factors layer by layer (`FusedLoRALinear.fuse`) and scales h instead of A."""
+        sel = self._selection(indices, weights, "cat")
+        fused = {}
+        for path, layer in self.layers.items():
+            A, Bt, scale = layer.fuse(sel)
+            fused[path] = (A * scale[..., None], Bt.transpose(1, 2))
+        return fused
 
     def index(self, names: list[str]) -> torch.Tensor:
         return torch.tensor([self.names.index(n) for n in names])

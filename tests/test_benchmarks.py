@@ -49,3 +49,25 @@ def test_run_all_quick_writes_every_json(tmp_path):
         "one fused batch must give what one image at a time and the official peft path give"
     adaptation = json.loads((tmp_path / "adaptation.json").read_text())
     assert {t["name"] for t in adaptation["targets"]} >= {"fusion step tiny batch 1", "fusion step tiny batch 16"}
+
+
+def test_cuda_timing_synchronises_before_and_after_each_run(monkeypatch):
+    """On a GPU, kernels run asynchronously: every timed call must wait for queued work before the clock
+    starts and for its own work before it stops. Checked here with a recording stand-in for the CUDA sync."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+    events = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: events.append(("sync", str(device))))
+    cuda = torch.device("cuda")
+    common.measure(lambda: events.append("run"), cuda, reps=2, warmup=1)
+    assert events == ["run"] + [("sync", "cuda"), "run", ("sync", "cuda")] * 2
+    events.clear()
+    common.measure_interleaved({"a": lambda: events.append("a"), "b": lambda: events.append("b")}, cuda, 1, 0)
+    assert events == [("sync", "cuda"), "a", ("sync", "cuda"), ("sync", "cuda"), "b", ("sync", "cuda")]
+    events.clear()
+    common.measure(lambda: events.append("run"), torch.device("cpu"), reps=1, warmup=0)
+    assert events == ["run"], "no CUDA calls on the CPU"

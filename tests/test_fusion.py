@@ -87,6 +87,27 @@ def test_peft_reference_leaves_no_adapter_active(setup):
         assert torch.allclose(peft_model(images, text), base(images, text), atol=1e-6)
 
 
+def test_fused_lora_is_peft_cat_adapter_per_image(setup):
+    """The fusion step alone: each image's (A_cat, B_cat) equals the adapter peft's add_weighted_adapter(cat)
+    builds for it (peft gives that adapter scaling 1), for every LoRA target."""
+    _, peft_model, _, fused, _, _ = setup
+    choices = [(["a3", "a0", "a4"], [0.6, 0.3, 0.1]), (["a1", "a2", "a3"], [0.2, 0.2, 0.6])]
+    lora = fused.fused_lora(torch.stack([fused.index(n) for n, _ in choices]),
+                            torch.tensor([w for _, w in choices]))
+    assert sorted(lora) == fused.modules
+    for i, (names, weights) in enumerate(choices):
+        peft_model.add_weighted_adapter(names, weights, "_check", combination_type="cat")
+        try:
+            for path, (A, B) in lora.items():
+                layer = peft_model.base_model.model.get_submodule(path)
+                assert layer.scaling["_check"] == 1.0
+                assert torch.allclose(A[i], layer.lora_A["_check"].weight, atol=1e-7), path
+                assert torch.equal(B[i], layer.lora_B["_check"].weight), path
+        finally:
+            peft_model.delete_adapter("_check")
+            peft_model.base_model.disable_adapter_layers()
+
+
 def test_library_order_does_not_matter(setup, tiny_segmenter):
     base, peft_model, fused_model, fused, images, text = setup
     states = {n: get_peft_model_state_dict(peft_model, adapter_name=n) for n in reversed(NAMES)}
