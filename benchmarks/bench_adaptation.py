@@ -13,10 +13,11 @@ of 20 random LoRA adapters (r=8, alpha=16 on every attention / MLP Linear of the
 Then the fusion step alone: building each image's fused `cat` adapter for every LoRA target
 (FusedAdapters.fused_lora, the factors the fused forward gathers) against peft's add_weighted_adapter(cat)
 + set + delete for the same images; and, like for like, (fused forward - base forward) against the
-official merges plus their LoRA compute. FLOP counts (torch.utils.flop_counter) give each row's ratio on
-a compute-bound machine, the floor no implementation can beat. When SemLA misses 1.10x the base forward
-at batch 16: a profile and measured candidate fixes (cheaper embedding, reusing the segmenter's encoder,
-smaller K).
+official merges plus their LoRA compute. Matmul FLOP counts (torch.utils.flop_counter) give each row's
+ratio if time followed FLOPs: a floor for a model whose time is its matmuls (ViT-B/16: ~80% addmm), only a
+guide for the tiny one (convolutions, upsampling and small ops take much of its time). When SemLA misses
+1.10x the base forward at batch 16: a profile and measured candidate fixes (cheaper embedding, reusing the
+segmenter's encoder, smaller K).
 
     python benchmarks/bench_adaptation.py [--quick] [--device cuda] [--json out.json] [--models tiny vitb16]
 """
@@ -70,8 +71,9 @@ def plan(kind: str, batch: int, device: torch.device, quick: bool) -> Plan:
         return Plan(reps=3, warmup=1, official=1, official_images=2) if quick else Plan(reps=11, warmup=2, official=3)
     if batch == 1:                # ViT-B/16 on a CPU: ~0.6 s per image
         return Plan(reps=3, warmup=1, official=2)
-    # batch 1 ran the same code (warm); the official loop is per image, so 4 of the 16 images tell its cost
-    return Plan(reps=3, warmup=0, official=1, official_images=4, fused_directly=False)
+    # batch 1 ran the same code (warm); the official loop is per image, so 4 of the 16 images tell its cost;
+    # 5 interleaved pairs of ~10 s forwards: the ratio moves by ~0.1x between runs of 3 on a shared VM
+    return Plan(reps=5, warmup=0, official=1, official_images=4, fused_directly=False)
 
 
 # ---- the measured steps ------------------------------------------------------------------------------
@@ -207,7 +209,7 @@ def measure_batch(b: Bench, batch: int, quick: bool, single: dict | None = None)
                "fusion_semla": fusion_semla, "merge_per_image": t_merge.median, "fuse": t_fuse.median,
                "fusion_speedup": fusion_official / t_fuse.median,
                "like_for_like_speedup": fusion_official_all / fusion_semla, "flops": flops,
-               "flop_floor": flops_total, "images": images, "text": text}
+               "flop_ratio": flops_total, "fused_ratio": fused[0], "images": images, "text": text}
     return rows, summary | {"fusion_rows": fusion}
 
 
@@ -334,8 +336,8 @@ def main(argv=None) -> dict:
                 targets.append({"name": f"SemLA total {kind} batch 16 on {on}", "goal": f"<= {TARGET_TOTAL:.2f}x base",
                                 "measured": fmt_x(ratio) + ("" if cpu_ratio is None else
                                                             f" (in CPU time: {fmt_x(cpu_ratio)})")
-                                + f"; FLOP floor {fmt_x(s['flop_floor'])}",
-                                "value": ratio, "value_cpu_time": cpu_ratio, "flop_floor": s["flop_floor"],
+                                + f"; matmul FLOPs {fmt_x(s['flop_ratio'])}",
+                                "value": ratio, "value_cpu_time": cpu_ratio, "flop_ratio": s["flop_ratio"],
                                 "met": ratio <= TARGET_TOTAL,
                                 "met_in_cpu_time": None if cpu_ratio is None else cpu_ratio <= TARGET_TOTAL})
                 if ratio > TARGET_TOTAL or (cpu_ratio or 0) > TARGET_TOTAL:
@@ -344,9 +346,11 @@ def main(argv=None) -> dict:
                           + ("" if cpu_ratio is None else f", {fmt_x(cpu_ratio)} CPU time") + "). Time SemLA adds to the base "
                           "forward: " + ", ".join(f"{n} {fmt_s(t)} ({t / sum(x for _, x in shares):.0%})"
                                                   for n, t in shares)
-                          + f". FLOP floor: {fmt_x(s['flop_floor'])} (embed {fmt_x(s['flops']['embed'])}, fused "
-                          f"forward {fmt_x(s['flops']['fused'])})" + (" - out of reach at this K and rank"
-                                                                      if s["flop_floor"] > TARGET_TOTAL else "") + "\n")
+                          + f". Matmul FLOPs: embed {fmt_x(s['flops']['embed'])}, fused forward "
+                          f"{fmt_x(s['flops']['fused'])} of the base forward's."
+                          + (f" The fused forward alone takes {fmt_x(s['fused_ratio'])}: no embedding, shared or "
+                             f"separate, brings the total to {TARGET_TOTAL:.2f}x at K={K}, r=8 on this model"
+                             if s["fused_ratio"] > TARGET_TOTAL else "") + "\n")
                     # ViT-B/16 on a CPU: profile 4 of the 16 images (op shares barely depend on the batch there)
                     n_prof = 4 if kind != "tiny" and device.type == "cpu" else 16
                     ops = profile_ops(b, s["images"][:n_prof], s["text"])

@@ -11,6 +11,7 @@ import copy
 import datetime as _dt
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -141,7 +142,10 @@ def count_flops(fn: Callable[[], object]) -> int:
     attention; elementwise ops are not counted). Machine-independent: the ratio of two counts is the
     speed ratio a compute-bound device would reach."""
     from torch.utils.flop_counter import FlopCounterMode
-    counter = FlopCounterMode(display=False)
+    aten = torch.ops.aten
+    matmul_ = lambda self_shape, a_shape, b_shape, out_shape=None, **_: 2 * math.prod(a_shape) * b_shape[-1]  # noqa: E731
+    # torch counts addmm / baddbmm but not their in-place forms, which the fused layer uses
+    counter = FlopCounterMode(display=False, custom_mapping={aten.addmm_: matmul_, aten.baddbmm_: matmul_})
     with counter:
         fn()
     return counter.get_total_flops()
