@@ -315,11 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import configure_threads
+    from .runtime import configure_threads, resolve_device
     args = build_parser().parse_args(argv)
-    if args.device:
-        os.environ["SEMLA_DEVICE"] = args.device        # read by runtime.resolve_device everywhere
     try:
+        if args.device:
+            resolve_device(args.device)                     # a device this machine lacks: say so now
+            os.environ["SEMLA_DEVICE"] = args.device        # read by runtime.resolve_device everywhere
         configure_threads(args.threads)
         args.func(args)
     except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError) as e:

@@ -24,9 +24,23 @@ def configure_threads(n: int | None = None) -> int:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """`device` if given, else $SEMLA_DEVICE, else CUDA when available, else CPU. Never hard-coded."""
+    """`device` if given, else $SEMLA_DEVICE, else CUDA when available, else CPU. Never hard-coded.
+    A device this machine does not have is a ValueError that names it and where it came from."""
+    source = "device" if device else "$SEMLA_DEVICE"
     device = device or os.environ.get("SEMLA_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"{source} {str(device)!r} is not a torch device (cpu, cuda, cuda:1, mps): {e}") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{source} {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) sees no "
+                             "GPU; use cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"{source} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{source} {str(device)!r} asks for Apple MPS, which this machine does not have; use cpu")
+    return resolved
 
 
 def seed_everything(seed: int) -> torch.Generator:

@@ -36,6 +36,7 @@ def test_world_writes_dataset_and_preview(capsys, tmp_path):
     (["evaluate", "--tau", "-1", "--targets", "nyu"], "tau"),
     (["evaluate", "--targets", "nyu", "--methods", "magic"], "unknown method"),
     (["evaluate", "--targets", "real:acdc_fog"], "SEMLA_"),
+    (["zero-shot", "--device", "cdua"], "'cdua' is not a torch device"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
     monkeypatch.setenv("SEMLA_DATA_ROOT", str(tmp_path))

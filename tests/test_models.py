@@ -114,3 +114,24 @@ def test_real_architecture_builds_with_the_same_targets(arch, layers, width):
     with torch.no_grad():
         out = seg(torch.rand(1, 3, 64, 64), torch.nn.functional.normalize(torch.randn(4, 512), dim=-1))
     assert out.shape == (1, 4, 64, 64)
+
+
+def test_resolve_device_names_a_device_this_machine_lacks(monkeypatch):
+    from semla_lab.runtime import resolve_device
+    monkeypatch.delenv("SEMLA_DEVICE", raising=False)
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match="'cdua' is not a torch device"):
+        resolve_device("cdua")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device() == torch.device("cpu"), "the default falls back to the CPU"
+    with pytest.raises(ValueError, match=r"device 'cuda:1' asks for CUDA, but .* sees no GPU"):
+        resolve_device("cuda:1")
+    monkeypatch.setenv("SEMLA_DEVICE", "cuda")
+    with pytest.raises(ValueError, match=r"\$SEMLA_DEVICE 'cuda'"):
+        resolve_device()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(ValueError, match="has 1 CUDA device"):
+        resolve_device("cuda:1")
