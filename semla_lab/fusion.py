@@ -123,7 +123,11 @@ class FusedAdapters:
             self.layers[path] = FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
                                                 torch.stack(ab["B"]).to(device), scaling.to(device), self.state)
             setattr(parent, child, self.layers[path])
-        self.modules = sorted(factors)
+
+    @property
+    def modules(self) -> list[str]:
+        """Paths of the LoRA target layers, sorted."""
+        return sorted(self.layers)
 
     def _selection(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str) -> Selection:
         if fusion not in FUSION_TYPES:
