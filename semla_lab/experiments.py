@@ -64,12 +64,15 @@ class Target:
     labels: torch.Tensor
     class_names: list[str]
     ids: list[str]
+    scene: dict[str, float] = dataclasses.field(default_factory=dict)   # scene kind mixture, where known
 
 
-def load_target(target: str, max_images: int | None = None, image_size: int | None = None) -> Target:
+def load_target(target: str, max_images: int | None = None, image_size: int | None = None,
+                split: str = "test") -> Target:
     """A shipped domain name, a domain spec file (.yaml), a dataset folder with a manifest.json, or
     "real:<domain>" for a real dataset described in data_manifests/real/. Dataset and real images
-    are resized to `image_size` when given."""
+    are resized to `image_size` when given. `split` picks a mini-world domain's split (the held-out
+    "val" split serves tuning, "test" reporting)."""
     from .world.generate import generate, get_domain
     path = Path(target)
     if target.startswith("real:"):
@@ -85,10 +88,11 @@ def load_target(target: str, max_images: int | None = None, image_size: int | No
         items = [ds[i] for i in range(min(len(ds), max_images or len(ds)))]
         return stack_items(ds.name, items, ds.classes, image_size)
     spec = get_domain(target)
-    split = generate(spec, "test", max_images if max_images is not None else None, image_size)
-    if len(split) == 0:
-        raise ValueError(f"target domain {spec.name!r} has no test images (splits: {spec.splits})")
-    return Target(spec.name, split.images, split.labels, spec.class_names, split.ids)
+    count = max_images if max_images is not None else spec.splits.get("test", 0)
+    data = generate(spec, split, count, image_size)
+    if len(data) == 0:
+        raise ValueError(f"target domain {spec.name!r} has no {split} images (splits: {spec.splits})")
+    return Target(spec.name, data.images, data.labels, spec.class_names, data.ids, dict(spec.scene))
 
 
 def _has_split(path: Path, split: str) -> bool:
