@@ -22,7 +22,8 @@ from .clip import TINY_CLIP, Clip, embed_class_names, embed_images, load_clip
 from .data import atomic_write_json
 from .runtime import assets_dir, resolve_device
 from .segmenter import HeadConfig, OVSegmenter, build_segmenter
-from .train import AdapterConfig, ClipTrainConfig, SegTrainConfig, pretrain_clip, train_adapter, train_base_segmenter
+from .train import (AdapterConfig, ClipTrainConfig, Replay, SegTrainConfig, pretrain_clip, train_adapter,
+                    train_base_segmenter)
 from .world.generate import SOURCE_DOMAIN, generate, shipped_domains, target_domains
 
 EMBED_NORMALIZE = True   # library centroids and queries use L2-normalised CLIP embeddings
@@ -142,24 +143,33 @@ def build_library(root: Path, cfg: AdapterConfig = AdapterConfig(), domains: lis
     lib = AdapterLibrary.create(lib_dir, embedder=clip.identity(EMBED_NORMALIZE), base_model=base,
                                 lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
     specs = shipped_domains()
+    replay = source_replay(clip, device) if cfg.replay else None
     t0, infos = time.time(), {}
     for name in (domains or target_domains()):
         data = generate(specs[name], "train")
-        infos[name] = add_domain(lib, name, data, seg, clip, cfg, device=device, progress=progress)
+        infos[name] = add_domain(lib, name, data, seg, clip, cfg, device=device, progress=progress, replay=replay)
     info = {"config": asdict(cfg), "seconds": round(time.time() - t0, 1), "domains": infos,
             "threads": torch.get_num_threads()}
     _update_manifest(root, "library", info)
     return info
 
 
+def source_replay(clip: Clip, device=None) -> Replay:
+    """The source domain's training split with its vocabulary: what adapters replay (AdapterConfig.replay)."""
+    source = generate(shipped_domains()[SOURCE_DOMAIN], "train")
+    return Replay(source.images, source.labels, embed_class_names(clip, source.class_names, device=device))
+
+
 def add_domain(library, name: str, data, segmenter: OVSegmenter, clip: Clip, cfg: AdapterConfig = AdapterConfig(),
-               device=None, progress=True) -> dict:
+               device=None, progress=True, replay: Replay | None = None) -> dict:
     """Train an adapter on one domain's training split and add it to `library` with its centroid."""
     import tempfile
     text = embed_class_names(clip, data.class_names, device=device)
+    if cfg.replay and replay is None:
+        replay = source_replay(clip, device)
     with tempfile.TemporaryDirectory() as tmp:
         info = train_adapter(segmenter, text, data.images, data.labels, tmp, library.base_model, cfg, device,
-                             progress)
+                             progress, replay)
         centroid = embed_images(clip, data.images, normalize=library.embedder["normalize"], device=device).mean(0)
         library.add(name, tmp, centroid, num_images=len(data),
                     metadata={"dataset": data.spec.dataset, "plays": data.spec.plays,

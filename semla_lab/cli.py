@@ -6,6 +6,7 @@
   semla-lab train-adapter / build-library / add-domain   grow adapter libraries
   semla-lab evaluate    the leave-one-out benchmark (the main job)
   semla-lab ablate      a grid over retrieval and fusion knobs
+  semla-lab transfer    every adapter alone on every target: off-domain harm, uniform merge, retrieval regret
   semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
 Bad arguments, paths or files print one line `semla-lab: error: ...` and exit with status 2.
 """
@@ -160,6 +161,19 @@ def cmd_ablate(args):
     print(table.to_string(index=False))
 
 
+def cmd_transfer(args):
+    from .plots import transfer_heatmap
+    from .transfer import format_transfer, run_transfer, transfer_matrix
+    from .world.generate import target_domains
+    seg, clip, library = _bundle(args)
+    payload = run_transfer(seg, clip, library, args.targets or target_domains(), args.split, args.max_images,
+                           args.out, progress=not args.quiet)
+    print(format_transfer(payload["summary"]))
+    if args.out:
+        transfer_heatmap(transfer_matrix(payload)).savefig(Path(args.out) / "transfer.png", dpi=110)
+        print(f"\nwrote {Path(args.out) / 'transfer.json'} and transfer.png")
+
+
 def cmd_summarize(args):
     from .experiments import aggregate_runs, semla_wins
     payloads = []
@@ -278,6 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
     knobs(a, multi=True)
     a.add_argument("--methods", nargs="*", default=["semla"])
     a.set_defaults(func=cmd_ablate)
+
+    tr = sub.add_parser("transfer", help="every adapter alone on every target: harm, uniform merge, retrieval regret")
+    for flag, text in (("--library", "adapter library folder (default: the shipped one)"),
+                       ("--clip", "open_clip model name (default: the library's embedding model)"),
+                       ("--pretrained", "open_clip pretrained tag"), ("--checkpoint", "local CLIP weights"),
+                       ("--segmenter", "base segmenter weights (default: the shipped one)"), ("--out", "output folder")):
+        tr.add_argument(flag, help=text)
+    tr.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
+    tr.add_argument("--split", default="test", choices=["val", "test"], help="mini-world split (val: for tuning)")
+    tr.add_argument("--max-images", type=int, default=50, help="images per target")
+    tr.set_defaults(func=cmd_transfer)
 
     sm = sub.add_parser("summarize", help="mean and spread of several evaluate runs (e.g. adapter seeds)")
     sm.add_argument("runs", nargs="+", help="output folders of `semla-lab evaluate`")

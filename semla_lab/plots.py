@@ -77,6 +77,21 @@ def heatmap(matrix: pd.DataFrame, title: str = "", fmt: str = ".2f", annot: bool
     return fig
 
 
+def transfer_heatmap(matrix: pd.DataFrame, figsize=(11, 8)):
+    """(targets x adapters) mIoU change against zero-shot, red = harm, blue = help, own adapter boxed."""
+    fig, ax = plt.subplots(figsize=figsize)
+    lim = max(abs(matrix.min().min()), abs(matrix.max().max()), 1)
+    sns.heatmap(matrix, annot=True, fmt=".0f", cmap="RdBu", center=0, vmin=-lim, vmax=lim, ax=ax,
+                annot_kws={"fontsize": 6}, cbar_kws={"label": "mIoU - zero-shot"})
+    for i, t in enumerate(matrix.index):
+        if t in matrix.columns:
+            ax.add_patch(plt.Rectangle((list(matrix.columns).index(t), i), 1, 1, fill=False, lw=1.5))
+    ax.set_xlabel("adapter applied alone")
+    ax.set_ylabel("target domain")
+    fig.tight_layout()
+    return fig
+
+
 def method_bars(results: dict, methods: list[str] | None = None, figsize=(12, 4)):
     """Grouped bars: per-domain mIoU of each method (results as in results.json["results"])."""
     rows = [{"domain": d, "method": m, "mIoU": v} for m, r in results.items() if not methods or m in methods

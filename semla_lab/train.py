@@ -65,10 +65,10 @@ def _fit(step_loss, opt: torch.optim.Optimizer, steps: int, n: int, batch: int, 
 
 @dataclass
 class ClipTrainConfig:
-    steps: int = 300
+    steps: int = 1200
     batch: int = 128
     lr: float = 1e-3
-    corpus: int = 8192        # image/caption pairs from random mini-world domains
+    corpus: int = 16384       # image/caption pairs from random mini-world domains
     seed: int = 0
 
 
@@ -144,6 +144,7 @@ class AdapterConfig:
     steps: int = 60
     batch: int = 32
     lr: float = 2e-3
+    replay: int = 0           # source images added to every batch (with the source vocabulary)
     seed: int = 0
 
     def lora_config(self, base_model: str) -> LoraConfig:
@@ -151,14 +152,26 @@ class AdapterConfig:
                           lora_dropout=0.0, bias="none", base_model_name_or_path=base_model)
 
 
+@dataclass
+class Replay:
+    """Source images (uint8 (N, 3, H, W)), labels (N, H, W) and class-name embeddings (T, D) that an
+    adapter keeps seeing while it learns its domain, so it adapts rather than overwrites."""
+    images: torch.Tensor
+    labels: torch.Tensor
+    text: torch.Tensor
+
+
 def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
                   out_dir: str | Path, base_model: str, cfg: AdapterConfig = AdapterConfig(), device=None,
-                  progress=True) -> dict:
+                  progress=True, replay: Replay | None = None) -> dict:
     """Train one LoRA adapter on a frozen copy of `segmenter` for one domain and save it in peft's
-    format (adapter_config.json + adapter_model.safetensors) under `out_dir`."""
+    format (adapter_config.json + adapter_model.safetensors) under `out_dir`. With `cfg.replay` > 0,
+    each step also sees that many `replay` images; the two losses are weighed by their image counts."""
     if len(images) == 0 or len(images) != len(labels):
         raise ValueError(f"an adapter needs training images with labels; got {len(images)} images and "
                          f"{len(labels)} label maps")
+    if cfg.replay and replay is None:
+        raise ValueError(f"AdapterConfig.replay={cfg.replay} needs replay data (source images, labels, text)")
     device = resolve_device(device)
     gen = seed_everything(cfg.seed)
     base = copy.deepcopy(segmenter).to(device)
@@ -167,10 +180,18 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
     text = text.to(device)
+    share = cfg.batch / (cfg.batch + cfg.replay)
+
+    def batch_loss(imgs, labs, idx, txt):
+        x, y = hflip(imgs[idx].float().div(255), labs[idx], gen)
+        return segmentation_loss(model, x.to(device), y.to(device), txt)
 
     def step_loss(idx):
-        x, y = hflip(images[idx].float().div(255), labels[idx], gen)
-        return segmentation_loss(model, x.to(device), y.to(device), text)
+        loss = batch_loss(images, labels, idx, text)
+        if not cfg.replay:
+            return loss
+        pick = torch.randint(len(replay.images), (cfg.replay,), generator=gen)
+        return share * loss + (1 - share) * batch_loss(replay.images, replay.labels, pick, replay.text.to(device))
 
     loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "adapter", progress)
     model.eval()

@@ -56,17 +56,25 @@ def _jittered(cv: Canvas, spec: DomainSpec, key: str) -> torch.Tensor:
     return (value * (1 + jitter * cv.u(-1, 1))).clamp(lo, hi)
 
 
+def condition_words(cond: dict[str, float]) -> list[str]:
+    """What a person would say about a photo's conditions: weather, sensor, exposure, colour cast."""
+    r, g, b = cond["cast_r"], cond["cast_g"], cond["cast_b"]
+    said = {"foggy": cond["fog"] > 0.3, "rainy": cond["rain"] > 0.3, "snowy": cond["snow"] > 0.3,
+            "noisy": cond["noise"] > 0.04, "blurry": cond["blur"] > 0.8, "low-resolution": cond["resolution"] < 0.8,
+            "bright": cond["exposure"] > 1.1, "dark": cond["exposure"] < 0.92,
+            "warm-toned": r - b > 0.07, "cool-toned": b - r > 0.07, "greenish": g - (r + b) / 2 > 0.04}
+    return [word for word, true in said.items() if true]
+
+
 def _caption(kind: str, concept_map: torch.Tensor, cond: dict[str, float], style: str, rng: random.Random) -> str:
     counts = torch.bincount(concept_map.flatten().long(), minlength=256)[: len(CONCEPTS)]
     visible = [CONCEPTS[i] for i in counts.argsort(descending=True).tolist() if counts[i] > 0][:4]
     rng.shuffle(visible)
     names = [rng.choice(SYNONYMS[c]) for c in visible]
-    adjectives = [word for key, word in (("fog", "foggy"), ("rain", "rainy"), ("snow", "snowy"),
-                                         ("noise", "noisy"), ("blur", "blurry")) if cond[key] > {"noise": 0.04, "blur": 0.8}.get(key, 0.3)]
     when = " at night" if cond["night"] > 0.5 else " at dusk" if cond["dusk"] > 0.3 else ""
     where = f" in a {style} style" if kind != "park" else ""
     listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
-    return f"a {' '.join(adjectives + ['photo'])} of a {rng.choice(SCENE_WORDS[kind])}{when}{where} with {listed}."
+    return f"a {' '.join(condition_words(cond) + ['photo'])} of a {rng.choice(SCENE_WORDS[kind])}{when}{where} with {listed}."
 
 
 def render(spec: DomainSpec, count: int, seed: int, size: int | None = None):

@@ -1,0 +1,96 @@
+"""The transfer diagnostic: summary figures from a hand-made payload, one real target, the CLI."""
+import json
+
+import pytest
+import torch
+
+from semla_lab.assets import load_segmenter
+from semla_lab.clip import load_clip
+from semla_lab.experiments import EvalConfig, format_table, load_target, run_benchmark
+from semla_lab.library import AdapterLibrary
+from semla_lab.metrics import harmonic_mean
+from semla_lab.predictor import LibraryModel
+from semla_lab.runtime import assets_dir
+from semla_lab.transfer import summarize_transfer, target_transfer, transfer_matrix
+
+
+def _payload():
+    """Three targets, three adapters: b harms a by 5, c harms b by 1 (within the margin)."""
+    targets = {
+        "a": {"zero_shot": 30.0, "uniform": 28.5, "top1": 31.0, "adapters": {"a": 40.0, "b": 25.0, "c": 33.0},
+              "top1_domains": {"b": 3, "c": 1}},
+        "b": {"zero_shot": 20.0, "uniform": 22.0, "top1": 21.0, "adapters": {"a": 21.0, "b": 30.0, "c": 19.0},
+              "top1_domains": {"a": 4}},
+        "c": {"zero_shot": 50.0, "uniform": 50.0, "top1": 48.0, "adapters": {"a": 50.5, "b": 49.0, "c": 55.0},
+              "top1_domains": {"b": 2, "a": 2}},
+    }
+    scenes = {"a": {"indoor": 1.0}, "b": {"street": 1.0}, "c": {"street": 0.5, "park": 0.5}}
+    return {"targets": targets, "scenes": scenes}
+
+
+def test_summary_figures_follow_their_definitions():
+    s = summarize_transfer(_payload())
+    assert s["off_domain_pairs"] == 6
+    assert s["harm"] == pytest.approx(1 / 6, abs=1e-3)              # only (a, b): 25 - 30 = -5 < -2
+    assert s["uniform_minus_zero_shot"] == {"a": -1.5, "b": 2.0, "c": 0.0}
+    assert s["worst_uniform"] == ("a", -1.5)
+    assert s["regret_per_target"] == {"a": 2.0, "b": 0.0, "c": 2.5}  # best other single minus top-1
+    assert s["regret"] == pytest.approx(1.5)
+    assert s["indoor_to_street"] == {"a": "b"}                     # indoor-only a retrieved street-only b first
+    assert s["oracle_hmean"] == pytest.approx(harmonic_mean([40, 30, 55]), abs=0.01)
+    assert s["oracle_gain"] == pytest.approx(s["oracle_hmean"] - harmonic_mean([30, 20, 50]), abs=0.01)
+    assert summarize_transfer(_payload(), margin=0.5)["harm"] == pytest.approx(3 / 6, abs=1e-3)
+
+
+def test_matrix_is_adapter_minus_zero_shot():
+    m = transfer_matrix(_payload())
+    assert m.loc["a", "b"] == -5.0 and m.loc["c", "c"] == 5.0 and list(m.index) == ["a", "b", "c"]
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    clip = load_clip(device="cpu")
+    return load_segmenter(clip=clip, device="cpu"), clip, AdapterLibrary(assets_dir() / "library")
+
+
+def test_one_target_agrees_with_the_benchmark(bundle):
+    """zero-shot, uniform and the oracle of the diagnostic equal those of `evaluate` on the same images."""
+    seg, clip, lib = bundle
+    engine = LibraryModel(seg, lib, "cpu")
+    target = load_target("acdc_fog", 8)
+    got = target_transfer(engine, clip, target, batch_size=4)
+    bench = run_benchmark(seg, clip, lib, ["acdc_fog"], ["zero_shot", "uniform", "oracle"],
+                          EvalConfig(max_images=8, batch_size=4), device="cpu", progress=False)["results"]
+    assert got["zero_shot"] == bench["zero_shot"]["per_domain"]["acdc_fog"]
+    assert got["uniform"] == bench["uniform"]["per_domain"]["acdc_fog"]
+    assert got["adapters"]["acdc_fog"] == bench["oracle"]["per_domain"]["acdc_fog"]
+    assert set(got["adapters"]) == set(lib.names()) and sum(got["top1_domains"].values()) == 8
+    assert "acdc_fog" not in got["top1_domains"]
+
+
+def test_val_and_test_splits_differ():
+    a, b = load_target("nyu", 4, split="val"), load_target("nyu", 4, split="test")
+    assert not torch.equal(a.images, b.images) and a.scene == {"indoor": 1.0}
+
+
+def test_cli_writes_json_and_heatmap(tmp_path, capsys):
+    from semla_lab.cli import main
+    assert main(["transfer", "--targets", "nyu", "acdc_fog", "--max-images", "4", "--out", str(tmp_path),
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "off-domain harm" in out and "retrieval regret" in out
+    saved = json.loads((tmp_path / "transfer.json").read_text())
+    assert set(saved["targets"]) == {"nyu", "acdc_fog"} and saved["config"]["split"] == "test"
+    assert (tmp_path / "transfer.png").stat().st_size > 10_000
+
+
+def test_benchmark_table_has_domains_as_rows_and_fits_120_columns(bundle):
+    seg, clip, lib = bundle
+    results = run_benchmark(seg, clip, lib, ["acdc_fog", "nyu"], ["zero_shot", "uniform", "semla", "semla_late",
+                            "uniform_late", "oracle"], EvalConfig(max_images=4), device="cpu",
+                            progress=False)["results"]
+    lines = format_table(results).splitlines()
+    assert max(map(len, lines)) <= 120
+    assert lines[0].split() == ["zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle"]
+    assert [ln.split()[0] for ln in lines[1:3]] == ["acdc_fog", "nyu"]
+    assert lines[-1].startswith("gap closed") and lines[-2].startswith("h-mean")
