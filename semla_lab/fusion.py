@@ -1,6 +1,7 @@
 """Fusing LoRA adapters per image, without creating peft adapters per image.
 
-For each LoRA target Linear W, adapter i contributes B_i A_i scaled by s_i = alpha / r. With
+For each LoRA target Linear W, adapter i contributes B_i A_i scaled by s_i (peft's scaling: alpha / r, or
+alpha / sqrt(r) for rsLoRA, with alpha and r of that module under alpha_pattern / rank_pattern). With
 per-image weights w (top-K of a library), the paper's `cat` fusion is exactly peft's
 `add_weighted_adapter(..., combination_type="cat")`:
 
@@ -11,13 +12,18 @@ We compute x -> x W^T + (x A_cat^T) B_cat^T with batched matmuls, so every image
 have its own adapters and weights. peft's `linear` instead mixes A's and B's separately,
 (sum_i sqrt(w_i s_i) B_i)(sum_j sqrt(w_j s_j) A_j), which is NOT sum_i w_i dW_i: cross terms
 B_i A_j appear. Notebook 05 derives both by hand and checks them against peft.
+
+A selection is active inside `with fused.select(...)` for the current thread (or asyncio task) only, and an
+inner `select` replaces the outer one until its block ends: selections live in a ContextVar.
 """
 from __future__ import annotations
 
 import re
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -33,18 +39,32 @@ class Selection:
     fusion: str = "cat"
 
 
+_ACTIVE: ContextVar[dict] = ContextVar("semla_selections", default={})   # {FusedAdapters key: Selection}, never mutated
+
+
+@contextmanager
+def selecting(key: object, sel: Selection):
+    """Make `sel` the selection of the layers installed under `key`, in this thread or task, until the block
+    ends; nested blocks stack (the outer selection returns when the inner block ends)."""
+    token = _ACTIVE.set({**_ACTIVE.get(), key: sel})
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
 class FusedLoRALinear(nn.Module):
     """A frozen Linear plus the stacked LoRA factors of every library adapter for it:
-    A (L, r, in), B (L, out, r), scaling (L,). With no active selection it is the plain Linear."""
+    A (L, r, in), B (L, out, r), scaling (L,). With no active selection under `key` it is the plain Linear."""
 
-    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, state: dict):
+    def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, key: object):
         super().__init__()
         self.base = base
         self.register_buffer("A", A, persistent=False)
         self.register_buffer("B", B, persistent=False)
         self.register_buffer("Bt", B.transpose(1, 2).contiguous(), persistent=False)   # (L, r, out) for cat
         self.register_buffer("scaling", scaling, persistent=False)
-        self.state = state           # shared with the FusedAdapters that installed this layer
+        self.key = key               # that of the FusedAdapters that installed this layer (a copy gets its own)
 
     def fuse(self, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fusion step for this layer, every image at once: A_cat (B, K r, in) and B_cat^T (B, K r, out)
@@ -58,7 +78,7 @@ class FusedLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
-        sel: Selection | None = self.state.get("selection")
+        sel: Selection | None = _ACTIVE.get().get(self.key)
         if sel is None:
             return out
         n = sel.indices.shape[0]
@@ -91,14 +111,16 @@ def _module_path(key: str) -> tuple[str, str]:
 class FusedAdapters:
     """Installs a library's adapters into a model (in place) as FusedLoRALinear layers.
 
-    `adapters` maps name -> (peft state dict, scaling). Use `with fused.select(indices, weights):`
-    to run the model with per-image fusion; outside the block the model is the base model."""
+    `adapters` maps name -> (peft state dict, scaling s): a number, or a function of the module path for
+    per-module scaling (library.lora_scaling). Use `with fused.select(indices, weights):` to run the model with
+    per-image fusion; outside the block the model is the base model."""
 
-    def __init__(self, model: nn.Module, adapters: dict[str, tuple[dict[str, torch.Tensor], float]]):
+    def __init__(self, model: nn.Module,
+                 adapters: dict[str, tuple[dict[str, torch.Tensor], float | Callable[[str], float]]]):
         if not adapters:
             raise ValueError("FusedAdapters needs at least one adapter")
         self.model, self.names = model, list(adapters)
-        self.state: dict = {}
+        self.key = object()
         self.layers: dict[str, FusedLoRALinear] = {}
         factors: dict[str, dict[str, list]] = {}
         for name, (weights, _) in adapters.items():
@@ -106,7 +128,6 @@ class FusedAdapters:
                 path, which = _module_path(key)
                 factors.setdefault(path, {"A": [None] * len(self.names), "B": [None] * len(self.names)})
                 factors[path][which][self.names.index(name)] = tensor.float()
-        scaling = torch.tensor([s for _, s in adapters.values()], dtype=torch.float32)
         for path, ab in factors.items():
             missing = [self.names[i] for i, t in enumerate(ab["A"] + ab["B"]) if t is None][:3]
             if missing:
@@ -120,8 +141,9 @@ class FusedAdapters:
             if not isinstance(base, nn.Linear):
                 raise ValueError(f"LoRA target {path} is a {type(base).__name__}, expected nn.Linear")
             device = base.weight.device
+            scaling = torch.tensor([s(path) if callable(s) else s for _, s in adapters.values()], device=device)
             self.layers[path] = FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
-                                                torch.stack(ab["B"]).to(device), scaling.to(device), self.state)
+                                                torch.stack(ab["B"]).to(device), scaling.float(), self.key)
             setattr(parent, child, self.layers[path])
 
     @property
@@ -141,12 +163,9 @@ class FusedAdapters:
 
     @contextmanager
     def select(self, indices: torch.Tensor, weights: torch.Tensor, fusion: str = "cat"):
-        """Activate per-image fusion: indices (B, K) long, weights (B, K)."""
-        self.state["selection"] = self._selection(indices, weights, fusion)
-        try:
+        """Activate per-image fusion in this thread or task: indices (B, K) long, weights (B, K)."""
+        with selecting(self.key, self._selection(indices, weights, fusion)):
             yield
-        finally:
-            self.state.pop("selection", None)
 
     def fused_lora(self, indices: torch.Tensor, weights: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each image's fused `cat` adapter, as peft's add_weighted_adapter(cat) stores it (with scaling 1):
@@ -168,7 +187,11 @@ def peft_weighted_forward(peft_model, adapters: list[str], weights: list[float],
     """The official SemLA path, kept as a reference: build a weighted adapter with peft, activate it,
     run the model, delete it, and disable adapters (deleting the active adapter silently activates
     another one in peft)."""
+    from peft.tuners.lora import LoraLayer
     peft_model.add_weighted_adapter(adapters, weights, "_fused", combination_type=combination_type)
+    for layer in peft_model.modules():   # the adapters' scalings are folded into the new weights, so its own s
+        if isinstance(layer, LoraLayer) and "_fused" in layer.scaling:   # is 1; peft 0.21 copies use_rslora and
+            layer.scaling["_fused"] = 1.0                                 # sets sqrt(K r) (fixed by peft PR #3449)
     peft_model.set_adapter("_fused")
     peft_model.base_model.enable_adapter_layers()
     try:

@@ -3,8 +3,9 @@ domain's centroid (mean CLIP image embedding (D,) of its training images).
 
 Layout of a library folder:
     index.json                        {"format", "version", "embedder", "base_model", "lora": {r, lora_alpha,
-                                       target_modules}, "centroids_file", "domains": [{name, num_images,
-                                       metadata, adapter: "adapters/<name>"}, ...]}  (insertion order)
+                                       target_modules, use_rslora, ... (LORA_FIELDS)}, "centroids_file",
+                                       "domains": [{name, num_images, metadata, adapter: "adapters/<name>"},
+                                       ...]}  (insertion order)
     centroids-<version>.safetensors   one (D,) float32 tensor per domain name
     adapters/<name>/                  the folder peft's save_pretrained wrote, copied as is
     .lock                             writers hold fcntl.flock on it
@@ -78,9 +79,49 @@ def check_name(name: object) -> str:
     return name
 
 
+# peft LoraConfig fields beyond r, lora_alpha and target_modules that change what an adapter computes, with
+# peft's defaults. The index records them all (a field missing from an older index is the default); every
+# adapter must agree with the library on each. Fused inference (fusion.py) honours these:
+LORA_HONOURED = {
+    "use_rslora": False,           # scaling alpha / sqrt(r) instead of alpha / r
+    "rank_pattern": {},            # per-module r (peft's get_pattern_key matching)
+    "alpha_pattern": {},           # per-module alpha
+    "exclude_modules": None,       # these three choose the targets; fused layers follow the weights
+    "layers_to_transform": None,
+    "layers_pattern": None,
+}
+# ... and refuses any other value of these (default, why not):
+LORA_REFUSED = {
+    "use_dora": (False, "DoRA rescales each weight column by its norm; a weighted sum of B A cannot express it"),
+    "bias": ("none", "the adapter would carry its own base biases"),
+    "lora_bias": (False, "lora_B would carry a bias"),
+    "fan_in_fan_out": (False, "it describes transposed Conv1D weights; fused layers are nn.Linear"),
+    "modules_to_save": (None, "the adapter would carry whole trained modules"),
+    "layer_replication": (None, "the adapter would duplicate layers of the base model"),
+}
+LORA_FIELDS = ("r", "lora_alpha", "target_modules", *LORA_HONOURED, *LORA_REFUSED)
+# adapter_config.json fields without effect at inference (bookkeeping, training, initialisation, or read only
+# with a field that must stay unset). Any other field must be unset (None, False or empty): peft variants
+# such as kasa_config, arrow_config or use_bdlora change the math.
+LORA_INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+              "inference_mode", "lora_dropout", "init_lora_weights", "loftq_config", "eva_config", "corda_config",
+              "lora_ga_config", "megatron_core", "qalora_group_size", "ensure_weight_tying", "runtime_config"}
+BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")   # init_lora_weights that edit W itself
+
+
+def _check_refused(lora: dict, where: str) -> None:
+    for key, (default, why) in LORA_REFUSED.items():
+        if (lora.get(key) or default) != default:     # [] or None: no modules_to_save
+            raise LibraryError(f"{where} {key}={lora[key]!r}, which fused inference cannot honour: {why}")
+
+
 def _check_lora(lora: object) -> dict:
+    """Library LoRA settings -> all of LORA_FIELDS, missing ones filled with peft's defaults."""
     if not isinstance(lora, dict):
         raise LibraryError(f"lora settings must be a dict with r, lora_alpha, target_modules, got {lora!r}")
+    unknown = sorted(set(lora) - set(LORA_FIELDS))
+    if unknown:
+        raise LibraryError(f"unknown lora setting(s) {unknown}; known: {list(LORA_FIELDS)}")
     r, alpha, targets = lora.get("r"), lora.get("lora_alpha"), lora.get("target_modules")
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise LibraryError(f"lora r must be a positive integer, got {r!r}")
@@ -89,7 +130,32 @@ def _check_lora(lora: object) -> dict:
     if not (isinstance(targets, str) or (isinstance(targets, list) and targets
                                          and all(isinstance(t, str) for t in targets))):
         raise LibraryError(f"target_modules must be a regex string or a non-empty list of names, got {targets!r}")
-    return {"r": r, "lora_alpha": alpha, "target_modules": targets}
+    _check_refused(lora, "lora settings have")
+    defaults = {**LORA_HONOURED, **{k: d for k, (d, _) in LORA_REFUSED.items()}}
+    out = {"r": r, "lora_alpha": alpha, "target_modules": targets, **{k: lora.get(k) or d for k, d in defaults.items()}}
+    if not isinstance(out["use_rslora"], bool):
+        raise LibraryError(f"lora use_rslora must be true or false, got {out['use_rslora']!r}")
+    for key, kind in (("rank_pattern", int), ("alpha_pattern", (int, float))):
+        pattern = out[key]
+        if not isinstance(pattern, dict) or not all(isinstance(k, str) and isinstance(v, kind)
+                                                    and not isinstance(v, bool) and v > 0 for k, v in pattern.items()):
+            raise LibraryError(f"lora {key} must map module name patterns to positive numbers, got {pattern!r}")
+    return out
+
+
+def module_lora(lora: dict, path: str) -> tuple[int, float]:
+    """(r, alpha) of the target module at `path` (as in model.named_modules()), with rank_pattern and
+    alpha_pattern resolved by peft's own matching."""
+    from peft.utils.other import get_pattern_key
+    ranks, alphas = lora.get("rank_pattern") or {}, lora.get("alpha_pattern") or {}
+    return (ranks.get(get_pattern_key(ranks.keys(), path), lora["r"]),
+            alphas.get(get_pattern_key(alphas.keys(), path), lora["lora_alpha"]))
+
+
+def lora_scaling(lora: dict, path: str = "") -> float:
+    """peft's scaling s of module `path`: alpha / r, or alpha / sqrt(r) with use_rslora."""
+    r, alpha = module_lora(lora, path)
+    return alpha / r ** 0.5 if lora.get("use_rslora") else alpha / r
 
 
 def _same_targets(a: str | list, b: str | list) -> bool:
@@ -150,21 +216,34 @@ def read_adapter_config(adapter_dir: str | Path, where: str) -> dict:
     return _read_json(adapter_dir / CONFIG, f"{where}: adapter config")
 
 
-def check_adapter(adapter_dir: str | Path, lora: dict, base_model: str | None, where: str) -> None:
-    """Refuse an adapter folder whose config or weights do not match the library's LoRA settings."""
-    adapter_dir = Path(adapter_dir)
-    cfg = read_adapter_config(adapter_dir, where)
+def check_adapter_config(cfg: dict, lora: dict, base_model: str | None, where: str) -> None:
+    """Refuse an adapter config that disagrees with the library's LoRA settings (checked by _check_lora) on
+    any field in LORA_FIELDS, sets another field that changes the math, or was trained on another base model."""
     if cfg.get("peft_type") != "LORA":
         raise LibraryError(f"{where}: peft_type is {cfg.get('peft_type')!r}, expected 'LORA'")
-    for key in ("r", "lora_alpha"):
-        if cfg.get(key) != lora[key]:
-            raise LibraryError(f"{where}: adapter has {key}={cfg.get(key)!r}, the library uses {lora[key]!r}")
-    if not _same_targets(cfg.get("target_modules"), lora["target_modules"]):
-        raise LibraryError(f"{where}: adapter targets modules {cfg.get('target_modules')!r}, the library "
-                           f"uses {lora['target_modules']!r}")
+    _check_refused(cfg, f"{where}: adapter has")
+    for key in ("r", "lora_alpha", "target_modules", *LORA_HONOURED):
+        value, default = cfg.get(key), LORA_HONOURED.get(key)
+        same = _same_targets if key in ("target_modules", "exclude_modules") else (lambda a, b: a == b)
+        if not same(value or default, lora[key] or default):    # missing, None, [] and {} are all "unset"
+            raise LibraryError(f"{where}: adapter has {key}={value!r}, the library uses {lora[key]!r}")
+    other = sorted(k for k, v in cfg.items() if v and k not in LORA_FIELDS and k not in LORA_INERT)
+    if other:
+        raise LibraryError(f"{where}: adapter sets {other[0]}={cfg[other[0]]!r}, which fused inference does not "
+                           "support")
+    init = cfg.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_REWRITING_INITS):
+        raise LibraryError(f"{where}: adapter has init_lora_weights={init!r}, which rewrites the base weights; "
+                           "save it with peft's path_initial_model_for_weight_conversion first")
     if base_model and cfg.get("base_model_name_or_path") != base_model:
         raise LibraryError(f"{where}: adapter was trained on base model {cfg.get('base_model_name_or_path')!r}, "
                            f"the library's base model is {base_model!r}")
+
+
+def check_adapter(adapter_dir: str | Path, lora: dict, base_model: str | None, where: str) -> None:
+    """Refuse an adapter folder whose config or weights do not match the library's LoRA settings."""
+    adapter_dir = Path(adapter_dir)
+    check_adapter_config(read_adapter_config(adapter_dir, where), lora, base_model, where)
     state = _load_safetensors(adapter_dir / WEIGHTS, f"{where}: adapter weights")
     for key, t in state.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
@@ -174,9 +253,9 @@ def check_adapter(adapter_dir: str | Path, lora: dict, base_model: str | None, w
     if not a_mods or a_mods != b_mods:
         raise LibraryError(f"{where}: {adapter_dir / WEIGHTS} must hold lora_A/lora_B weight pairs; unpaired: "
                            f"{sorted(a_mods ^ b_mods)[:5] or 'no pairs at all'}")
-    r = lora["r"]
     for m in sorted(a_mods):
         a, b = state[f"{m}.lora_A.weight"], state[f"{m}.lora_B.weight"]
+        r = module_lora(lora, m.removeprefix("base_model.model."))[0]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != r or b.shape[1] != r:
             raise LibraryError(f"{where}: adapter weights of {m} have shapes A {tuple(a.shape)}, "
                                f"B {tuple(b.shape)}; expected A (r, in) and B (out, r) with r={r}")
@@ -199,7 +278,8 @@ class AdapterLibrary:
     @classmethod
     def create(cls, root: str | Path, embedder: dict, base_model: str | None, lora: dict) -> AdapterLibrary:
         """A new empty library. `embedder` identifies the embedding model and holds its "dim";
-        `lora` is {r, lora_alpha, target_modules}; an empty base_model disables that check."""
+        `lora` is {r, lora_alpha, target_modules} and optionally other LORA_FIELDS; an empty base_model
+        disables that check."""
         root = Path(root)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise LibraryError(f"cannot create a library at {root}: it exists and is not an empty folder")
@@ -243,7 +323,6 @@ class AdapterLibrary:
         dim = embedder.get("dim") if isinstance(embedder, dict) else None
         if not isinstance(version, int) or not isinstance(domains, list) or not isinstance(dim, int):
             raise LibraryError(f"{where} lacks an integer 'version', a 'domains' list or an embedder 'dim'")
-        _check_lora(index.get("lora"))
         if index.get("centroids_file") != f"centroids-{version}.safetensors":
             raise LibraryError(f"{where} names centroids file {index.get('centroids_file')!r}, expected "
                                f"'centroids-{version}.safetensors'")
@@ -267,6 +346,7 @@ class AdapterLibrary:
         return {n: _as_centroid(stored[n], dim, f"domain {n!r} in {path}") for n in names}
 
     def _set_state(self, index: dict, centroids: dict[str, torch.Tensor]) -> None:
+        self._lora = _check_lora(index.get("lora"))
         self._index = index
         self._domains = {d["name"]: d for d in index["domains"]}
         self._centroids = centroids
@@ -294,8 +374,9 @@ class AdapterLibrary:
 
     @property
     def lora_config(self) -> dict:
-        """{r, lora_alpha, target_modules} every adapter in the library shares."""
-        return json.loads(json.dumps(self._index["lora"]))
+        """The LoRA settings every adapter in the library shares: {r, lora_alpha, target_modules} and the other
+        LORA_FIELDS (peft's defaults where the index predates them)."""
+        return json.loads(json.dumps(self._lora))
 
     def names(self) -> list[str]:
         """Domain names in insertion order (the row order of centroids())."""
@@ -339,8 +420,9 @@ class AdapterLibrary:
         if not path.is_dir():
             raise LibraryError(f"adapter folder of domain {name!r} is gone ({path}); it was removed by "
                                "another writer, call refresh()")
-        read_adapter_config(path, f"domain {name!r}")
-        return _load_safetensors(path / WEIGHTS, f"adapter weights of domain {name!r}")
+        where = f"domain {name!r}"
+        check_adapter_config(read_adapter_config(path, where), self._lora, None, where)   # libraries written before
+        return _load_safetensors(path / WEIGHTS, f"adapter weights of {where}")           # LORA_FIELDS may differ
 
     # ---- writing -------------------------------------------------------------------------------
 
@@ -401,7 +483,7 @@ class AdapterLibrary:
             raise LibraryError(f"{where}: metadata must be JSON-serializable: {e}") from None
         if not isinstance(metadata, dict):
             raise LibraryError(f"{where}: metadata must be a dict, got {type(metadata).__name__}")
-        check_adapter(adapter_dir, self._index["lora"], self.base_model, where)
+        check_adapter(adapter_dir, self._lora, self.base_model, where)
         with self._locked():
             if name in self:
                 raise LibraryError(f"domain {name!r} is already in library {self.root}; remove it first")
@@ -454,7 +536,7 @@ def import_loradb(loradb_dir: str | Path, root: str | Path, embedder: dict,
     if not domains:
         raise LibraryError(f"loradb folder {src} holds no domain folders")
     first = read_adapter_config(domains[0], f"domain {domains[0].name!r}")
-    lora = {k: first.get(k) for k in ("r", "lora_alpha", "target_modules")}
+    lora = {k: first[k] for k in LORA_FIELDS if k in first}
     if base_model is None:
         base_model = first.get("base_model_name_or_path")
     library = AdapterLibrary.create(root, embedder, base_model, lora)

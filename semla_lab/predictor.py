@@ -9,6 +9,7 @@ class names, and ask what it chose. Notebook 05 steps through it.
 from __future__ import annotations
 
 import copy
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,9 @@ from PIL import Image
 from .clip import Clip, embed_class_names, embed_images
 from .data import read_image
 from .fusion import FusedAdapters
+from .library import lora_scaling
 from .retrieval import Retrieval, RetrievalConfig, retrieve
 from .runtime import resolve_device
-
-
-def lora_scaling(lora: dict) -> float:
-    r, alpha = lora["r"], lora["lora_alpha"]
-    return alpha / r ** 0.5 if lora.get("use_rslora") else alpha / r
 
 
 class LibraryModel:
@@ -33,7 +30,7 @@ class LibraryModel:
     def __init__(self, segmenter: torch.nn.Module, library, device=None):
         self.device = resolve_device(device)
         self.model = copy.deepcopy(segmenter).to(self.device).eval()
-        scaling = lora_scaling(library.lora_config)
+        scaling = partial(lora_scaling, library.lora_config)     # per module: alpha_pattern, rank_pattern
         self.library = library
         self.fused = FusedAdapters(self.model, {n: (library.load_adapter_state(n), scaling) for n in library.names()})
         self.names = self.fused.names

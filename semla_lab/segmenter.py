@@ -112,14 +112,22 @@ class OVSegmenter(nn.Module):
     def config(self) -> dict:
         return {"head": asdict(self.head.cfg), "image_size": self.image_size}
 
-    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [0, 1] -> (B, D, h, w) L2-normalised patch embeddings in CLIP's joint space."""
+    def transformer_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, 1 + h*w, width): the visual transformer's output tokens, class token
+        first. The embedding steps are those of open_clip's private `VisionTransformer._embeds`, written with
+        public attributes only; a test checks the class token against open_clip's own `visual(x)`."""
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
                                    align_corners=False)
         v = self.visual
-        x = v.transformer(v._embeds((images - self.mean) / self.std))           # (B, 1 + h*w, width)
-        tokens = v.ln_post(x[:, 1:]) @ v.proj                                    # (B, h*w, D)
+        x = v.conv1((images - self.mean) / self.std).flatten(2).transpose(1, 2)   # (B, h*w, width)
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return v.transformer(v.ln_pre(v.patch_dropout(torch.cat([cls, x], 1) + v.positional_embedding.to(x.dtype))))
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [0, 1] -> (B, D, h, w) L2-normalised patch embeddings in CLIP's joint space."""
+        v = self.visual
+        tokens = v.ln_post(self.transformer_tokens(images)[:, 1:]) @ v.proj          # (B, h*w, D)
         side = int(tokens.shape[1] ** 0.5)
         return F.normalize(tokens, dim=-1).transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 

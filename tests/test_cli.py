@@ -30,12 +30,12 @@ def test_world_writes_dataset_and_preview(capsys, tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["world", "atlantis"], "unknown domain 'atlantis'"),
-    (["world", "missing.yaml"], "not found"),
-    (["evaluate", "--library", "/nonexistent/lib"], "/nonexistent/lib"),
-    (["evaluate", "--k", "0", "--targets", "nyu"], "k"),
-    (["evaluate", "--tau", "-1", "--targets", "nyu"], "tau"),
+    (["world", "missing.yaml"], "domain spec file not found: missing.yaml"),
+    (["evaluate", "--library", "/nonexistent/lib"], "library folder not found: /nonexistent/lib"),
+    (["evaluate", "--k", "0", "--targets", "nyu"], "k must be an int >= 1, got 0"),
+    (["evaluate", "--tau", "-1", "--targets", "nyu"], "tau must be > 0, got -1.0"),
     (["evaluate", "--targets", "nyu", "--methods", "magic"], "unknown method"),
-    (["evaluate", "--targets", "real:acdc_fog"], "SEMLA_"),
+    (["evaluate", "--targets", "real:acdc_fog"], "set SEMLA_ACDC_ROOT to that folder"),
     (["zero-shot", "--device", "cdua"], "'cdua' is not a torch device"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
@@ -55,6 +55,9 @@ def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
         assert (tmp_path / name).is_file(), name
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest) == {"tiny_clip", "segmenter", "library"}
-    assert 0 <= manifest["tiny_clip"]["nearest_centroid_accuracy"] <= 1
+    from semla_lab.assets import TINY_CLIP, nearest_centroid_accuracy
+    from semla_lab.clip import load_clip
+    clip = load_clip(TINY_CLIP, checkpoint=tmp_path / "tiny_clip.safetensors", device="cpu")
+    assert manifest["tiny_clip"]["nearest_centroid_accuracy"] == nearest_centroid_accuracy(clip, ["cityscapes", "nyu"])
     from semla_lab.library import AdapterLibrary
     assert AdapterLibrary(tmp_path / "library").names() == ["cityscapes", "acdc_fog"]

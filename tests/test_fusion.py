@@ -152,17 +152,108 @@ def test_bad_selection_rejected(setup):
             pass
 
 
+KINDS = {"plain": {}, "rslora": {"use_rslora": True},
+         "alpha_pattern": {"alpha_pattern": {"c_fc": 32, "resblocks.1.attn.out_proj": 2}},
+         "rank_pattern": {"rank_pattern": {"c_proj": 2, "in_proj": 6}}}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_library_model_equals_peft_for_each_honoured_lora_field(kind, tiny_segmenter, tmp_path):
+    """A library of peft adapters with this LoRA setting, fused per image by LibraryModel == peft's
+    add_weighted_adapter(cat) forward; a single adapter through that reference == peft's own adapter."""
+    from semla_lab.library import AdapterLibrary
+    from semla_lab.predictor import LibraryModel
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS, **KINDS[kind]}
+    torch.manual_seed(0)
+    peft_model = get_peft_model(copy.deepcopy(tiny_segmenter), LoraConfig(**lora, init_lora_weights=False),
+                                adapter_name="a0")
+    for n in ("a1", "a2"):
+        peft_model.add_adapter(n, LoraConfig(**lora, init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    peft_model.eval().save_pretrained(tmp_path)                # adapters in tmp_path/<name>/
+    library = AdapterLibrary.create(tmp_path / "lib", {"dim": 4}, None, lora)
+    for i, n in enumerate(("a0", "a1", "a2")):
+        library.add(n, tmp_path / n, torch.full((4,), float(i)), 1)
+    model = LibraryModel(tiny_segmenter, library, "cpu")
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    text = torch.nn.functional.normalize(torch.randn(5, 64, generator=g), dim=-1)
+    choices = [(["a2", "a0"], [0.6, 0.4]), (["a1", "a2"], [0.3, 0.7])]
+    out = model.logits(images, text, torch.stack([model.fused.index(n) for n, _ in choices]),
+                       torch.tensor([w for _, w in choices]))
+    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text)
+                     for i, (n, w) in enumerate(choices)])
+    assert (out - ref).abs().max() < 2e-4, (kind, (out - ref).abs().max())
+    with torch.no_grad():
+        assert (out - tiny_segmenter(images, text)).abs().max() > 0.1, "adapters must change the output"
+    peft_model.set_adapter("a1")
+    peft_model.base_model.enable_adapter_layers()
+    with torch.no_grad():
+        single = peft_model(images, text)
+    peft_model.base_model.disable_adapter_layers()
+    assert torch.allclose(peft_weighted_forward(peft_model, ["a1"], [1.0], images, text), single, **TOL)
+    if kind in ("rslora", "alpha_pattern"):    # scaling every module by alpha / r, as before, is measurably wrong
+        plain = FusedAdapters(copy.deepcopy(tiny_segmenter), {n: (library.load_adapter_state(n), 2.0)
+                                                              for n in model.names})
+        with plain.select(model.fused.index(choices[0][0])[None], torch.tensor([choices[0][1]])), torch.no_grad():
+            assert (plain.model(images[:1], text) - ref[:1]).abs().max() > 0.1
+
+
+def test_nested_select_restores_the_outer_selection(setup):
+    base, _, fused_model, fused, images, text = setup
+    outer = _fused(fused_model, fused, ["a0", "a1"], [0.7, 0.3], images, text)
+    inner_only = _fused(fused_model, fused, ["a4"], [1.0], images, text)
+    with fused.select(fused.index(["a0", "a1"]).expand(3, -1), torch.tensor([[0.7, 0.3]] * 3)), torch.no_grad():
+        inner = _fused(fused_model, fused, ["a4"], [1.0], images, text)
+        after = fused_model(images, text)
+    with torch.no_grad():
+        assert torch.equal(inner, inner_only) and torch.equal(after, outer)
+        assert (after - base(images, text)).abs().max() > 1e-3, "the outer block must not fall back to the base"
+        assert torch.equal(fused_model(images, text), base(images, text))
+
+
+def test_threads_sharing_one_model_each_get_their_own_selection(setup):
+    import threading
+    base, _, fused_model, fused, images, text = setup
+    choices = [(["a0", "a1"], [0.7, 0.3]), (["a2"], [1.0]), (["a3", "a4"], [0.5, 0.5]), None]
+    expected = [_fused(fused_model, fused, *c, images, text) if c else base(images, text).detach() for c in choices]
+    barrier, results = threading.Barrier(len(choices), timeout=60), {}
+
+    def work(i):
+        for step in range(3):
+            if choices[i] is None:
+                barrier.wait()              # the other threads are inside their select blocks now
+                with torch.no_grad():
+                    results[i, step] = fused_model(images, text)
+                continue
+            idx = fused.index(choices[i][0]).expand(3, -1)
+            with fused.select(idx, torch.tensor(choices[i][1]).expand(3, -1)), torch.no_grad():
+                barrier.wait()              # every thread has entered its own select before any runs the model
+                results[i, step] = fused_model(images, text)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(choices))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 3 * len(choices)
+    for (i, _), out in results.items():
+        assert torch.equal(out, expected[i]), choices[i]
+
+
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from semla_lab.fusion import FusedLoRALinear  # noqa: E402
+from semla_lab.fusion import FusedLoRALinear, Selection, selecting  # noqa: E402
 
 
 def _layer(L=4, r=2, d_in=6, d_out=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     base = torch.nn.Linear(d_in, d_out)
     A, B = torch.randn(L, r, d_in, generator=g), torch.randn(L, d_out, r, generator=g)
-    state = {}
-    return FusedLoRALinear(base, A, B, torch.full((L,), 2.0), state), state
+    return FusedLoRALinear(base, A, B, torch.full((L,), 2.0), key := object()), key
 
 
 weights_st = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=3, max_size=3)
@@ -171,17 +262,13 @@ weights_st = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=3, max_size
 @settings(max_examples=40, deadline=None)
 @given(w1=weights_st, w2=weights_st, a=st.floats(-2, 2), b=st.floats(-2, 2))
 def test_property_fused_delta_linear_in_weights(w1, w2, a, b):
-    from semla_lab.fusion import Selection
-    layer, state = _layer()
+    layer, key = _layer()
     x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
     idx = torch.tensor([[0, 2, 3]] * 2)
 
     def delta(w):
-        state["selection"] = Selection(idx, torch.tensor([w] * 2, dtype=torch.float32))
-        try:
+        with selecting(key, Selection(idx, torch.tensor([w] * 2, dtype=torch.float32))):
             return layer(x) - layer.base(x)
-        finally:
-            state.pop("selection")
     combined = delta([a * u + b * v for u, v in zip(w1, w2)])
     assert torch.allclose(combined, a * delta(w1) + b * delta(w2), atol=1e-4)
 
@@ -190,11 +277,10 @@ def test_property_fused_delta_linear_in_weights(w1, w2, a, b):
 @given(w=weights_st)
 def test_property_fused_delta_is_sum_of_weighted_dw(w):
     """delta = x (sum_i w_i s_i B_i A_i)^T, the cat-fused weight update."""
-    from semla_lab.fusion import Selection
-    layer, state = _layer()
+    layer, key = _layer()
     x = torch.randn(1, 4, 6, generator=torch.Generator().manual_seed(2))
     idx = torch.tensor([[3, 0, 1]])
-    state["selection"] = Selection(idx, torch.tensor([w], dtype=torch.float32))
-    out = layer(x) - layer.base(x)
+    with selecting(key, Selection(idx, torch.tensor([w], dtype=torch.float32))):
+        out = layer(x) - layer.base(x)
     dW = sum(wi * 2.0 * layer.B[i] @ layer.A[i] for wi, i in zip(w, idx[0].tolist()))
     assert torch.allclose(out, x @ dW.T, atol=1e-4)

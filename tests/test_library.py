@@ -6,6 +6,7 @@ import json
 import multiprocessing
 import os
 import pickle
+import re
 import shutil
 import signal
 import time
@@ -24,6 +25,9 @@ from semla_lab.library import AdapterLibrary, LibraryError, import_loradb
 D = 16
 BASE = "tiny-base"
 LORA = {"r": 2, "lora_alpha": 4, "target_modules": ["lin0", "lin1"]}
+DEFAULTS = {"use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": None,  # peft's
+            "layers_to_transform": None, "layers_pattern": None, "use_dora": False, "bias": "none",
+            "lora_bias": False, "fan_in_fan_out": False, "modules_to_save": None, "layer_replication": None}
 EMBEDDER = {"model": "semla-tiny-clip", "pretrained": "random", "image_size": 64, "normalize": True, "dim": D}
 
 
@@ -37,13 +41,14 @@ class Tiny(nn.Module):
         return self.lin1(torch.relu(self.lin0(x)))
 
 
-def make_adapter(path: Path, seed: int = 0, r: int = 2, targets=("lin0", "lin1"), base: str = BASE) -> PeftModel:
-    """A real peft LoRA adapter folder at `path`; returns the adapted model."""
+def make_adapter(path: Path, seed: int = 0, r: int = 2, targets=("lin0", "lin1"), base: str = BASE,
+                 **lora) -> PeftModel:
+    """A real peft LoRA adapter folder at `path` (`lora`: more LoraConfig fields); returns the adapted model."""
     model = Tiny()
     model.name_or_path = base   # peft records it as base_model_name_or_path
     torch.manual_seed(seed)
     peft_model = get_peft_model(model, LoraConfig(r=r, lora_alpha=4, target_modules=list(targets),
-                                                  init_lora_weights=False))
+                                                  init_lora_weights=False, **lora))
     peft_model.save_pretrained(path, save_embedding_layers=False)   # no hub look-up of `base`
     return peft_model
 
@@ -52,7 +57,9 @@ def make_adapter(path: Path, seed: int = 0, r: int = 2, targets=("lin0", "lin1")
 def adapters(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("adapters")
     specs = {"a": {}, "b": {"seed": 1}, "c": {"seed": 2}, "rank4": {"r": 4}, "lin0only": {"targets": ["lin0"]},
-             "otherbase": {"base": "other-base"}}
+             "otherbase": {"base": "other-base"}, "rslora": {"use_rslora": True},
+             "alpha_lin1": {"alpha_pattern": {"lin1": 16}}, "rank_lin1": {"rank_pattern": {"lin1": 3}},
+             "dora": {"use_dora": True}, "exclude_lin1": {"exclude_modules": ["lin1"]}}
     for name, kw in specs.items():
         make_adapter(root / name, **kw)
     return {name: root / name for name in specs}
@@ -85,7 +92,7 @@ def test_create_add_get_remove_round_trip(lib, adapters):
     assert lib.names() == ["b", "a"] and "a" in lib and "zz" not in lib and len(lib) == 2
     assert torch.equal(lib.centroids(), torch.stack([centroid(2), centroid(1)]))
     assert torch.equal(lib.centroids(["a", "b"]), torch.stack([centroid(1), centroid(2)]))
-    assert lib.lora_config == LORA and lib.embedder == EMBEDDER and lib.base_model == BASE
+    assert lib.lora_config == {**LORA, **DEFAULTS} and lib.embedder == EMBEDDER and lib.base_model == BASE
 
     reopened = AdapterLibrary.open(lib.root)
     assert reopened.names() == ["b", "a"] and torch.equal(reopened.centroids(), lib.centroids())
@@ -146,7 +153,11 @@ def test_open_reads_only_index_and_centroids(lib, adapters, monkeypatch):
 
 @pytest.mark.parametrize("kind, pattern", [
     ("rank4", "domain 'x': adapter has r=4, the library uses 2"),
-    ("lin0only", "domain 'x': adapter targets modules"),
+    ("lin0only", r"domain 'x': adapter has target_modules=\['lin0'\], the library uses \['lin0', 'lin1'\]"),
+    ("rslora", "domain 'x': adapter has use_rslora=True, the library uses False"),
+    ("alpha_lin1", r"domain 'x': adapter has alpha_pattern=\{'lin1': 16\}, the library uses \{\}"),
+    ("rank_lin1", r"domain 'x': adapter has rank_pattern=\{'lin1': 3\}, the library uses \{\}"),
+    ("exclude_lin1", r"domain 'x': adapter has exclude_modules=\['lin1'\], the library uses None"),
     ("otherbase", "domain 'x': adapter was trained on base model 'other-base'"),
 ])
 def test_add_refuses_mismatched_adapter(lib, adapters, kind, pattern):
@@ -225,6 +236,95 @@ def test_add_refuses_wrong_peft_type_and_unpaired_weights(lib, adapters, tmp_pat
         lib.add("x", src, centroid(0), 1)
 
 
+# ---- LoRA config fields that change the math -------------------------------------------------------
+
+@pytest.mark.parametrize("kind, lora", [("rslora", {"use_rslora": True}),
+                                        ("alpha_lin1", {"alpha_pattern": {"lin1": 16}}),
+                                        ("rank_lin1", {"rank_pattern": {"lin1": 3}})])
+def test_honoured_lora_fields_are_recorded_and_must_agree(tmp_path, adapters, kind, lora):
+    lib = AdapterLibrary.create(tmp_path / "lib", EMBEDDER, BASE, {**LORA, **lora})
+    lib.add("x", adapters[kind], centroid(0), 1)
+    assert AdapterLibrary(lib.root).lora_config == {**LORA, **DEFAULTS, **lora}
+    assert json.loads((lib.root / "index.json").read_text())["lora"] == {**LORA, **DEFAULTS, **lora}
+    key, value = next(iter(lora.items()))
+    with pytest.raises(LibraryError, match=re.escape(f"domain 'y': adapter has {key}={DEFAULTS[key]!r}, "
+                                                     f"the library uses {value!r}")):
+        lib.add("y", adapters["a"], centroid(1), 1)
+
+
+def test_lora_scaling_per_module_follows_peft(adapters):
+    from semla_lab.library import lora_scaling
+    for kind, lora in [("a", LORA), ("rslora", {**LORA, "use_rslora": True}),
+                       ("alpha_lin1", {**LORA, "alpha_pattern": {"lin1": 16}}),
+                       ("rank_lin1", {**LORA, "rank_pattern": {"lin1": 3}})]:
+        peft_model = PeftModel.from_pretrained(Tiny(), adapters[kind])
+        for path in ("lin0", "lin1"):
+            assert lora_scaling(lora, path) == peft_model.base_model.model.get_submodule(path).scaling["default"]
+    assert [lora_scaling({**LORA, "use_rslora": True}, p) for p in ("lin0", "lin1")] == [4 / 2 ** 0.5] * 2
+    assert [lora_scaling({**LORA, "alpha_pattern": {"lin1": 16}}, p) for p in ("lin0", "lin1")] == [2.0, 8.0]
+
+
+REFUSED = [("use_dora", True, "DoRA rescales each weight column by its norm; a weighted sum of B A cannot express it"),
+           ("bias", "all", "the adapter would carry its own base biases"),
+           ("lora_bias", True, "lora_B would carry a bias"),
+           ("fan_in_fan_out", True, "it describes transposed Conv1D weights; fused layers are nn.Linear"),
+           ("modules_to_save", ["head"], "the adapter would carry whole trained modules"),
+           ("layer_replication", [[0, 1]], "the adapter would duplicate layers of the base model")]
+
+
+@pytest.mark.parametrize("key, value, why", REFUSED)
+def test_lora_fields_fused_inference_cannot_honour_are_refused(lib, adapters, tmp_path, key, value, why):
+    src = tmp_path / key
+    if key == "use_dora":
+        src = adapters["dora"]     # a real DoRA adapter from peft
+    else:
+        shutil.copytree(adapters["a"], src)
+        cfg = json.loads((src / "adapter_config.json").read_text())
+        (src / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(LibraryError) as e:
+        lib.add("x", src, centroid(0), 1)
+    assert str(e.value) == f"domain 'x': adapter has {key}={value!r}, which fused inference cannot honour: {why}"
+    with pytest.raises(LibraryError) as e:
+        AdapterLibrary.create(tmp_path / "lib2", EMBEDDER, BASE, {**LORA, key: value})
+    assert str(e.value) == f"lora settings have {key}={value!r}, which fused inference cannot honour: {why}"
+    assert len(lib) == 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("kasa_config", {"r": 2}, "adapter sets kasa_config={'r': 2}, which fused inference does not support"),
+    ("use_bdlora", {"nblocks": 2}, "adapter sets use_bdlora={'nblocks': 2}, which fused inference does not support"),
+    ("init_lora_weights", "pissa", "adapter has init_lora_weights='pissa', which rewrites the base weights"),
+])
+def test_other_math_changing_adapter_fields_are_refused(lib, adapters, tmp_path, key, value, message):
+    src = tmp_path / key
+    shutil.copytree(adapters["a"], src)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (src / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+    with pytest.raises(LibraryError, match=re.escape(f"domain 'x': {message}")):
+        lib.add("x", src, centroid(0), 1)
+
+
+def test_library_written_before_lora_fields_opens_with_peft_defaults(lib, adapters):
+    """An index that records only r, lora_alpha, target_modules (as written before) reads as peft's defaults;
+    an rsLoRA adapter such a library took in then is refused when loaded, not fused at the wrong scale."""
+    from semla_lab.library import lora_scaling
+    lib.add("a", adapters["a"], centroid(1), 1)
+    shutil.copytree(adapters["rslora"], lib.root / "adapters" / "rs")
+    index = json.loads((lib.root / "index.json").read_text())
+    index["lora"] = LORA
+    index["domains"].append({"name": "rs", "num_images": 1, "metadata": {}, "adapter": "adapters/rs"})
+    (lib.root / "index.json").write_text(json.dumps(index))
+    _damage_centroids(lib.root, data=save({"a": centroid(1), "rs": centroid(2)}))
+    old = AdapterLibrary(lib.root)
+    assert old.lora_config == {**LORA, **DEFAULTS} and lora_scaling(old.lora_config, "lin1") == 2.0
+    key = "base_model.model.lin0.lora_A.weight"
+    assert torch.equal(old.load_adapter_state("a")[key], library.load_file(adapters["a"] / library.WEIGHTS)[key])
+    with pytest.raises(LibraryError, match="^domain 'rs': adapter has use_rslora=True, the library uses False$"):
+        old.load_adapter_state("rs")
+    old.add("b", adapters["b"], centroid(3), 1)
+    assert json.loads((lib.root / "index.json").read_text())["lora"] == LORA   # not rewritten
+
+
 # ---- opening damaged libraries ---------------------------------------------------------------------
 
 def _damage_centroids(root: Path, tensor: torch.Tensor | None = None, data: bytes | None = None) -> None:
@@ -261,6 +361,10 @@ def test_create_refuses_non_empty_folder_and_bad_settings(tmp_path):
         AdapterLibrary.create(tmp_path / "new", {"model": "m"}, BASE, LORA)
     with pytest.raises(LibraryError, match="lora r must be a positive integer"):
         AdapterLibrary.create(tmp_path / "new", EMBEDDER, BASE, {**LORA, "r": 0})
+    with pytest.raises(LibraryError, match=r"unknown lora setting\(s\) \['use_rslora_'\]"):
+        AdapterLibrary.create(tmp_path / "new", EMBEDDER, BASE, {**LORA, "use_rslora_": True})
+    with pytest.raises(LibraryError, match="lora rank_pattern must map module name patterns to positive numbers"):
+        AdapterLibrary.create(tmp_path / "new", EMBEDDER, BASE, {**LORA, "rank_pattern": {"lin1": 0}})
 
 
 # ---- crash safety and concurrent readers -----------------------------------------------------------

@@ -103,6 +103,22 @@ def test_every_lora_target_is_live(tiny_segmenter):
             assert (model(x, text) - base).abs().max() > 1e-4, f"LoRA on {name} has no effect"
 
 
+def _class_token_equals_open_clip(seg, size):
+    """Our public-attribute token path, class token through ln_post and proj == open_clip's own visual(x)."""
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    v = seg.visual.eval()
+    with torch.no_grad():
+        ours = v.ln_post(seg.transformer_tokens(x)[:, 0]) @ v.proj
+        stock = v((x - seg.mean) / seg.std)
+    assert ours.shape == stock.shape and stock.abs().max() > 0.1
+    assert torch.allclose(ours, stock, atol=1e-5), (ours - stock).abs().max()
+
+
+def test_dense_features_use_the_stock_open_clip_embedding(tiny_segmenter):
+    _class_token_equals_open_clip(tiny_segmenter, 64)
+    assert tiny_segmenter.dense_features(torch.rand(1, 3, 64, 64)).shape == (1, 64, 8, 8)
+
+
 @pytest.mark.parametrize("arch, layers, width", [("ViT-B-16", 12, 768)])
 def test_real_architecture_builds_with_the_same_targets(arch, layers, width):
     torch.manual_seed(0)
@@ -114,6 +130,7 @@ def test_real_architecture_builds_with_the_same_targets(arch, layers, width):
     with torch.no_grad():
         out = seg(torch.rand(1, 3, 64, 64), torch.nn.functional.normalize(torch.randn(4, 512), dim=-1))
     assert out.shape == (1, 4, 64, 64)
+    _class_token_equals_open_clip(seg, 224)
 
 
 def test_resolve_device_names_a_device_this_machine_lacks(monkeypatch):

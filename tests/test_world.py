@@ -6,7 +6,7 @@ import yaml
 from semla_lab.world.concepts import CONCEPT_ID, SCENE_KINDS
 from semla_lab.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
                                       shipped_domains, target_domains, web_corpus)
-from semla_lab.world.spec import SpecError, load_spec, load_vocabularies, validate_spec
+from semla_lab.world.spec import SpecError, load_spec, load_vocabularies, to_dict, validate_spec
 
 SPECS = shipped_domains()
 
@@ -28,9 +28,14 @@ def test_shipped_world_mirrors_the_benchmark():
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
-def test_every_shipped_spec_loads_and_generates(name):
-    spec = load_spec(mini_dir() / f"{name}.yaml")
-    assert spec == SPECS[name]
+def test_every_shipped_spec_loads_and_generates(name, tmp_path):
+    raw = yaml.safe_load((mini_dir() / f"{name}.yaml").read_text())
+    spec = SPECS[name]
+    assert (spec.name, spec.dataset, spec.factors) == (name, raw["dataset"], raw.get("factors", {}))
+    assert spec.vocabulary == load_vocabularies(mini_dir() / "vocabularies.yaml")[raw["vocabulary"]]
+    written = tmp_path / f"{name}.yaml"    # a spec written back (inline vocabulary, in label-id order) reads the same
+    written.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+    assert load_spec(written) == spec
     data = generate(spec, "test", 4)
     assert data.images.shape == (4, 3, 64, 64) and data.images.dtype == torch.uint8
     assert data.labels.shape == (4, 64, 64)
