@@ -1,4 +1,5 @@
 # The two commands of the README: `make demo` and `make test`. Both install into .venv first.
+# `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -6,7 +7,7 @@ export SEMLA_THREADS ?= 1
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test assets bench clean
+.PHONY: install demo test wheel-check assets bench clean
 
 install: $(STAMP)
 
@@ -20,9 +21,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/semla-lab evaluate --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) wheel-check
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg --nbval-current-env -p no:cacheprovider notebooks
+
+wheel-check: $(STAMP)
+	PYTHON=$(PY) .ci/wheel_check
 
 assets: $(STAMP)
 	$(VENV)/bin/semla-lab build all
@@ -31,4 +35,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
 clean:
-	rm -rf $(VENV) runs .numba_cache .pytest_cache
+	rm -rf $(VENV) runs .numba_cache .pytest_cache .wheel_check

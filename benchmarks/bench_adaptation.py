@@ -88,7 +88,7 @@ def base_forward(b: Bench, images, text):
 
 
 def embed(b: Bench, images, clip: Clip | None = None):
-    return embed_images(clip or b.clip, images, device=b.device)
+    return embed_images(clip or b.clip, images)
 
 
 def retrieval(b: Bench, emb):

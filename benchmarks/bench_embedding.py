@@ -14,9 +14,8 @@ from common import (MODELS, fmt_s, fmt_x, measure_interleaved, paired_ratio, par
                     write_json)
 
 import torch
-import torch.nn.functional as F
 
-from semla_lab.clip import Clip, embed_images, prepare_images
+from semla_lab.clip import Clip, embed_images
 
 
 def load(kind: str, device: torch.device) -> Clip:
@@ -39,24 +38,11 @@ def plan(kind: str, device: torch.device, quick: bool) -> tuple[int, list[int], 
 
 
 def centroid_batched(clip: Clip, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
-    return embed_images(clip, images, batch_size=batch_size, device=device).mean(0)
+    return embed_images(clip, images, batch_size=batch_size).mean(0)
 
 
 def centroid_one_per_call(clip: Clip, images: torch.Tensor, device) -> torch.Tensor:
-    return torch.cat([embed_images(clip, images[i:i + 1], device=device) for i in range(len(images))]).mean(0)
-
-
-@torch.no_grad()
-def centroid_one_per_call_no_move(clip: Clip, images: torch.Tensor, device) -> torch.Tensor:
-    """embed_images without its per-call clip.model.to(device).eval() (a walk over every module and
-    parameter, text tower included): the proposed fix, same numbers."""
-    out = []
-    for i in range(len(images)):
-        feats = clip.model.encode_image(prepare_images(images[i:i + 1], clip)).float()
-        out.append(F.normalize(feats, dim=-1).cpu())
-    emb = torch.cat(out)
-    assert torch.isfinite(emb).all()
-    return emb.mean(0)
+    return torch.cat([embed_images(clip, images[i:i + 1]) for i in range(len(images))]).mean(0)
 
 
 def measure_model(kind: str, device: torch.device, quick: bool) -> list[dict]:
@@ -66,13 +52,10 @@ def measure_model(kind: str, device: torch.device, quick: bool) -> list[dict]:
     images = torch.rand(n, 3, clip.image_size, clip.image_size, generator=g).to(device)
     warm = 0 if reps == 1 else 1
     if warm == 0:   # one short untimed call so first-call costs stay out of the single timed run
-        embed_images(clip, images[:2], device=device)
+        embed_images(clip, images[:2])
     fns = {f"batched, {bs} images per call": (lambda bs=bs: centroid_batched(clip, images, bs, device))
            for bs in batch_sizes}
     fns["one image per call (official code)"] = lambda: centroid_one_per_call(clip, images, device)
-    if reps > 1:    # the ~1 ms per call it saves is noise next to ViT-B/16's ~300 ms per image on a CPU
-        fns["one image per call, without embed_images' per-call model.to().eval() (proposed)"] = (
-            lambda: centroid_one_per_call_no_move(clip, images, device))
     t = measure_interleaved(fns, device, reps, warm)     # modes in turn: load drifts hit them alike
     per_call = "one image per call (official code)"
     timings = {mode: t[mode].median for mode in fns}

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import UnknownNameError, UsageError
 from .retrieval import distances, softmax_weights
 
 
@@ -43,7 +44,7 @@ def group_means(embeddings: torch.Tensor, labels: Sequence[str]) -> tuple[list[s
     """Per-label mean of embeddings (N, D): names in order of first appearance and centroids (L, D).
     Like the library, centroids are the plain mean (not re-normalised)."""
     if len(labels) != len(embeddings):
-        raise ValueError(f"got {len(labels)} labels for {len(embeddings)} embeddings")
+        raise UsageError(f"got {len(labels)} labels for {len(embeddings)} embeddings")
     names = list(dict.fromkeys(labels))
     lab = np.asarray(labels)
     return names, torch.stack([embeddings[torch.from_numpy(lab == n)].mean(0) for n in names])
@@ -161,7 +162,7 @@ def lora_factors(state: dict[str, torch.Tensor], module: str) -> tuple[torch.Ten
         if path == module:
             found[which] = t.float()
     if set(found) != {"A", "B"}:
-        raise KeyError(f"no LoRA factors for module {module!r}; modules: {lora_modules(state)[:4]} ...")
+        raise UnknownNameError(f"no LoRA factors for module {module!r}; modules: {lora_modules(state)[:4]} ...")
     return found["A"], found["B"]
 
 
@@ -170,7 +171,7 @@ def _stack(As, Bs, weights, scalings):
     w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
     s = torch.as_tensor(scalings, dtype=torch.float64).reshape(-1).expand_as(w)
     if not len(w) == len(A) == len(B):
-        raise ValueError(f"got {len(A)} A's, {len(B)} B's and {len(w)} weights")
+        raise UsageError(f"got {len(A)} A's, {len(B)} B's and {len(w)} weights")
     return A, B, w * s
 
 
@@ -185,7 +186,7 @@ def fuse_by_hand(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights
     if fusion == "linear":
         root = c.abs().sqrt()
         return torch.einsum("k,kor->or", root, B) @ torch.einsum("k,kri->ri", root * c.sign(), A)
-    raise ValueError(f"unknown fusion {fusion!r}; expected 'cat' or 'linear'")
+    raise UsageError(f"unknown fusion {fusion!r}; expected 'cat' or 'linear'")
 
 
 def linear_cross_terms(As, Bs, weights, scalings) -> dict[str, torch.Tensor]:
@@ -241,7 +242,7 @@ def method_masks(predictor, class_names: Sequence[str], oracle: str | None = Non
              "SemLA": predictor.predict(list(class_names))}
     if oracle is not None:
         model = predictor.model
-        text = embed_class_names(predictor.clip, list(class_names), device=model.device)
+        text = embed_class_names(predictor.clip, list(class_names))
         idx = torch.tensor([[model.names.index(oracle)]])
         masks["oracle"] = model.logits(predictor.image[None], text, idx, torch.ones(1, 1))[0].argmax(0).cpu()
     return masks
@@ -270,7 +271,7 @@ def one_at_a_time(table: pd.DataFrame, knob: str | Sequence[str], defaults=None,
     knobs = [f.name for f in dataclasses.fields(defaults) if f.name not in ("batch_size", "max_images")]
     unknown = [k for k in varied if k not in knobs]
     if unknown:
-        raise ValueError(f"unknown knob(s) {unknown}; knobs: {knobs}")
+        raise UsageError(f"unknown knob(s) {unknown}; knobs: {knobs}")
     keep = pd.Series(True, index=table.index)
     for k in knobs:
         if k not in varied and k in table:

@@ -5,13 +5,19 @@ assets/segmenter.safetensors   the base OV segmenter (visual tower + head), trai
 assets/library/                the adapter library: one peft LoRA per target domain + centroids
 assets/manifest.json           configs, seeds and the metrics each stage reached
 
-`semla-lab build all` (or `make assets`) rebuilds them deterministically for a given thread count.
+`semla-lab build all` (or `make assets`) rebuilds them deterministically for a given thread count, in a
+staging folder beside the artifacts (`staging`); they are replaced only once every stage has finished
+(`commit`), so an interrupted rebuild leaves the previous artifacts in place.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import secrets
+import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -20,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .clip import TINY_CLIP, Clip, embed_class_names, embed_images, load_clip
 from .data import atomic_write_json
+from .errors import MissingFileError
 from .runtime import assets_dir, resolve_device
 from .segmenter import HeadConfig, OVSegmenter, build_segmenter
 from .train import (AdapterConfig, ClipTrainConfig, Replay, SegTrainConfig, pretrain_clip, train_adapter,
@@ -27,6 +34,7 @@ from .train import (AdapterConfig, ClipTrainConfig, Replay, SegTrainConfig, pret
 from .world.generate import SOURCE_DOMAIN, generate, shipped_domains, target_domains
 
 EMBED_NORMALIZE = True   # library centroids and queries use L2-normalised CLIP embeddings
+ARTIFACTS = ("tiny_clip.safetensors", "segmenter.safetensors", "library", "manifest.json")   # commit order
 
 
 def _save(state: dict[str, torch.Tensor], path: Path, dtype=None) -> None:
@@ -63,7 +71,7 @@ def load_segmenter(path: str | Path | None = None, clip: Clip | None = None, dev
     root = assets_dir()
     path = Path(path) if path else root / "segmenter.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"segmenter weights not found at {path}; run `semla-lab build segmenter`")
+        raise MissingFileError(f"segmenter weights not found at {path}; run `semla-lab build segmenter`")
     head = HeadConfig(**read_manifest(path.parent).get("segmenter", {}).get("head", {}))
     seg = build_segmenter((clip or load_clip(TINY_CLIP, pretrained="random")).model, head)
     seg.load_state_dict(load_file(str(path)))
@@ -122,7 +130,7 @@ def build_segmenter_asset(root: Path, cfg: SegTrainConfig = SegTrainConfig(), he
     _update_manifest(root, "segmenter", info)
     seg = load_segmenter(root / "segmenter.safetensors", clip, device)
     specs = shipped_domains()
-    scores = {name: evaluate_model(seg, clip, generate(specs[name], "test"), device=device)
+    scores = {name: evaluate_model(seg, clip, generate(specs[name], "test"))
               for name in (domains or specs)}
     info["zero_shot_miou"] = {k: round(v, 2) for k, v in scores.items()}
     _update_manifest(root, "segmenter", info)
@@ -131,19 +139,16 @@ def build_segmenter_asset(root: Path, cfg: SegTrainConfig = SegTrainConfig(), he
 
 def build_library(root: Path, cfg: AdapterConfig = AdapterConfig(), domains: list[str] | None = None,
                   device=None, progress=True) -> dict:
-    """Train one adapter per target domain and add it, with its centroid, to root/library."""
+    """Train one adapter per target domain and add it, with its centroid, to a new root/library (build
+    inside `staging` to replace an existing one)."""
     from .library import AdapterLibrary
     clip = load_clip(TINY_CLIP, checkpoint=root / "tiny_clip.safetensors", device=device)
     seg = load_segmenter(root / "segmenter.safetensors", clip, device)
     base = base_model_id(root / "segmenter.safetensors")
-    lib_dir = root / "library"
-    if lib_dir.exists():
-        import shutil
-        shutil.rmtree(lib_dir)
-    lib = AdapterLibrary.create(lib_dir, embedder=clip.identity(EMBED_NORMALIZE), base_model=base,
+    lib = AdapterLibrary.create(root / "library", embedder=clip.identity(EMBED_NORMALIZE), base_model=base,
                                 lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
     specs = shipped_domains()
-    replay = source_replay(clip, device) if cfg.replay else None
+    replay = source_replay(clip) if cfg.replay else None
     t0, infos = time.time(), {}
     for name in (domains or target_domains()):
         data = generate(specs[name], "train")
@@ -154,23 +159,63 @@ def build_library(root: Path, cfg: AdapterConfig = AdapterConfig(), domains: lis
     return info
 
 
-def source_replay(clip: Clip, device=None) -> Replay:
+@contextmanager
+def staging(near: Path, seed: Path | None = None):
+    """A new hidden folder beside `near` (same file system, so `commit` only renames), holding copies of
+    the model files and manifest of `seed`; stages build into it. Removed on exit, also on error."""
+    near = Path(near)
+    near.parent.mkdir(parents=True, exist_ok=True)
+    tmp = near.parent / f".{near.name}.build-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        for name in ARTIFACTS:
+            if seed is not None and name != "library" and (Path(seed) / name).is_file():
+                shutil.copy2(Path(seed) / name, tmp / name)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_path(new: Path, dest: Path) -> None:
+    """Put `new` at `dest`. A file is swapped by one os.replace. A folder: the old one is renamed aside,
+    the new one renamed in, then the old one deleted; a crash in between leaves the old folder at
+    `.<name>.old-*` beside `dest`, never a half-written one at `dest`."""
+    new, dest = Path(new), Path(dest)
+    if new.is_file() or not dest.exists():
+        os.replace(new, dest)
+        return
+    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
+    dest.rename(old)
+    new.rename(dest)
+    shutil.rmtree(old)
+
+
+def commit(staged: Path, root: Path) -> list[str]:
+    """Replace root's artifacts with those built in `staged` (manifest last); returns their names."""
+    root.mkdir(parents=True, exist_ok=True)
+    names = [name for name in ARTIFACTS if (staged / name).exists()]
+    for name in names:
+        replace_path(staged / name, root / name)
+    return names
+
+
+def source_replay(clip: Clip) -> Replay:
     """The source domain's training split with its vocabulary: what adapters replay (AdapterConfig.replay)."""
     source = generate(shipped_domains()[SOURCE_DOMAIN], "train")
-    return Replay(source.images, source.labels, embed_class_names(clip, source.class_names, device=device))
+    return Replay(source.images, source.labels, embed_class_names(clip, source.class_names))
 
 
 def add_domain(library, name: str, data, segmenter: OVSegmenter, clip: Clip, cfg: AdapterConfig = AdapterConfig(),
                device=None, progress=True, replay: Replay | None = None) -> dict:
     """Train an adapter on one domain's training split and add it to `library` with its centroid."""
     import tempfile
-    text = embed_class_names(clip, data.class_names, device=device)
+    text = embed_class_names(clip, data.class_names)
     if cfg.replay and replay is None:
-        replay = source_replay(clip, device)
+        replay = source_replay(clip)
     with tempfile.TemporaryDirectory() as tmp:
         info = train_adapter(segmenter, text, data.images, data.labels, tmp, library.base_model, cfg, device,
                              progress, replay)
-        centroid = embed_images(clip, data.images, normalize=library.embedder["normalize"], device=device).mean(0)
+        centroid = embed_images(clip, data.images, normalize=library.embedder["normalize"]).mean(0)
         library.add(name, tmp, centroid, num_images=len(data),
                     metadata={"dataset": data.spec.dataset, "plays": data.spec.plays,
                               "factors": data.spec.factors, "scene": data.spec.scene})

@@ -8,15 +8,17 @@
   semla-lab ablate      a grid over retrieval and fusion knobs
   semla-lab transfer    every adapter alone on every target: off-domain harm, uniform merge, retrieval regret
   semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
-Bad arguments, paths or files print one line `semla-lab: error: ...` and exit with status 2.
+Bad arguments, paths or files (errors.SemlaError) print one line `semla-lab: error: ...` and exit with
+status 2; any other exception is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
+
+from .errors import MissingFileError, SemlaError, UsageError
 
 
 def _csv(kind):
@@ -73,27 +75,30 @@ def world_summary(specs, count: int = 64):
 
 
 def cmd_build(args):
+    """Every stage builds into a staging folder; the artifacts are replaced once all stages are done."""
     from . import assets
     from .runtime import assets_dir
     from .train import AdapterConfig, ClipTrainConfig, SegTrainConfig
     root = Path(args.out) if args.out else assets_dir()
-    root.mkdir(parents=True, exist_ok=True)
-    q = args.quick
+    q, dev = args.quick, args.device
     stages = ["clip", "segmenter", "library"] if args.stage == "all" else [args.stage]
-    for stage in stages:
-        if stage == "clip":
-            cfg = ClipTrainConfig(steps=4, batch=16, corpus=64, seed=args.seed) if q else ClipTrainConfig(seed=args.seed)
-            info = assets.build_clip(root, cfg, domains=["cityscapes", "nyu"] if q else None,
-                                     progress=not args.quiet)
-        elif stage == "segmenter":
-            cfg = SegTrainConfig(steps=3, batch=8, seed=args.seed) if q else SegTrainConfig(seed=args.seed)
-            info = assets.build_segmenter_asset(root, cfg, progress=not args.quiet,
-                                                domains=["source", "cityscapes"] if q else None)
-        else:
-            cfg = AdapterConfig(steps=2, batch=8, seed=args.seed) if q else AdapterConfig(seed=args.seed)
-            info = assets.build_library(root, cfg, domains=["cityscapes", "acdc_fog"] if q else None,
-                                        progress=not args.quiet)
-        print(json.dumps({stage: info}, indent=1, default=str))
+    with assets.staging(root, seed=root) as tmp:
+        for stage in stages:
+            if stage == "clip":
+                cfg = ClipTrainConfig(steps=4, batch=16, corpus=64, seed=args.seed) if q else \
+                    ClipTrainConfig(seed=args.seed)
+                info = assets.build_clip(tmp, cfg, domains=["cityscapes", "nyu"] if q else None, device=dev,
+                                         progress=not args.quiet)
+            elif stage == "segmenter":
+                cfg = SegTrainConfig(steps=3, batch=8, seed=args.seed) if q else SegTrainConfig(seed=args.seed)
+                info = assets.build_segmenter_asset(tmp, cfg, domains=["source", "cityscapes"] if q else None,
+                                                    device=dev, progress=not args.quiet)
+            else:
+                cfg = AdapterConfig(steps=2, batch=8, seed=args.seed) if q else AdapterConfig(seed=args.seed)
+                info = assets.build_library(tmp, cfg, domains=["cityscapes", "acdc_fog"] if q else None, device=dev,
+                                            progress=not args.quiet)
+            print(json.dumps({stage: info}, indent=1, default=str))
+        assets.commit(tmp, root)
 
 
 def cmd_zero_shot(args):
@@ -102,8 +107,8 @@ def cmd_zero_shot(args):
     from .experiments import evaluate_model
     from .metrics import harmonic_mean
     from .world.generate import SOURCE_DOMAIN, generate, shipped_domains
-    clip = load_clip()
-    seg = load_segmenter(clip=clip)
+    clip = load_clip(device=args.device)
+    seg = load_segmenter(clip=clip, device=args.device)
     scores = {name: evaluate_model(seg, clip, generate(spec, "test", args.max_images))
               for name, spec in shipped_domains().items()}
     for name, s in scores.items():
@@ -122,10 +127,10 @@ def _bundle(args):
     library = AdapterLibrary(args.library or assets_dir() / "library")
     emb = library.embedder
     clip = load_clip(args.clip or emb.get("model", "semla-tiny-clip"), pretrained=args.pretrained,
-                     checkpoint=args.checkpoint)
+                     checkpoint=args.checkpoint, device=args.device)
     if clip.identity(emb.get("normalize", True)) != emb:
-        raise ValueError(f"library {library.root} was built with embedder {emb}, not {clip.identity(True)}")
-    return load_segmenter(args.segmenter, clip=clip), clip, library
+        raise UsageError(f"library {library.root} was built with embedder {emb}, not {clip.identity(True)}")
+    return load_segmenter(args.segmenter, clip=clip, device=args.device), clip, library
 
 
 def _eval_config(args, **over):
@@ -141,10 +146,10 @@ def cmd_evaluate(args):
     cfg, methods = _eval_config(args), args.methods or METHODS
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
+        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
     seg, clip, library = _bundle(args)
     payload = run_benchmark(seg, clip, library, args.targets or target_domains(), methods, cfg, args.out,
-                            progress=not args.quiet)
+                            device=args.device, progress=not args.quiet)
     print(format_table(payload["results"]))
     if args.out:
         print(f"\nwrote {Path(args.out) / 'results.json'} and selections.jsonl")
@@ -157,7 +162,7 @@ def cmd_ablate(args):
                          max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size])
     seg, clip, library = _bundle(args)
     table = run_ablation(seg, clip, library, args.targets or target_domains(), grid, args.methods, args.out,
-                         progress=not args.quiet)
+                         device=args.device, progress=not args.quiet)
     print(table.to_string(index=False))
 
 
@@ -167,7 +172,7 @@ def cmd_transfer(args):
     from .world.generate import target_domains
     seg, clip, library = _bundle(args)
     payload = run_transfer(seg, clip, library, args.targets or target_domains(), args.split, args.max_images,
-                           args.out, progress=not args.quiet)
+                           args.out, device=args.device, progress=not args.quiet)
     print(format_transfer(payload["summary"]))
     if args.out:
         transfer_heatmap(transfer_matrix(payload)).savefig(Path(args.out) / "transfer.png", dpi=110)
@@ -180,7 +185,7 @@ def cmd_summarize(args):
     for run_dir in args.runs:
         path = Path(run_dir) / "results.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no results.json in {run_dir} (write one with `semla-lab evaluate --out`)")
+            raise MissingFileError(f"no results.json in {run_dir} (write one with `semla-lab evaluate --out`)")
         payloads.append(json.loads(path.read_text()))
     print(aggregate_runs(payloads).to_string())
     wins = [semla_wins(p["results"]) for p in payloads if {"semla", "uniform"} <= set(p["results"])]
@@ -193,32 +198,29 @@ def cmd_train_adapter(args):
     from .clip import embed_class_names, load_clip
     from .train import AdapterConfig, train_adapter
     from .world.generate import generate, get_domain
-    clip = load_clip()
+    clip = load_clip(device=args.device)
     spec = get_domain(args.domain)
     data = generate(spec, "train")
     cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
-    info = train_adapter(load_segmenter(clip=clip), embed_class_names(clip, data.class_names), data.images,
-                         data.labels, args.out, base_model_id(), cfg, progress=not args.quiet)
+    info = train_adapter(load_segmenter(clip=clip, device=args.device), embed_class_names(clip, data.class_names),
+                         data.images, data.labels, args.out, base_model_id(), cfg, args.device,
+                         progress=not args.quiet)
     print(json.dumps(info, indent=1))
 
 
 def cmd_build_library(args):
-    from .assets import build_library
+    """A library for the shipped CLIP and segmenter, built in a staging folder and moved to --out."""
+    from . import assets
     from .runtime import assets_dir
     from .train import AdapterConfig
-    import shutil
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ValueError(f"{out} exists and is not empty; choose a new folder")
-    root = out.with_name(f".{out.name}.build")
-    root.mkdir(parents=True, exist_ok=True)
-    for name in ("tiny_clip.safetensors", "segmenter.safetensors", "manifest.json"):
-        shutil.copy(assets_dir() / name, root / name)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"{out} exists and is not an empty folder; choose a new one")
     cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
-    build_library(root, cfg, args.domains, progress=not args.quiet)
-    (root / "library").replace(out)
-    shutil.rmtree(root)
-    print(f"wrote library of {len(args.domains or [])} domains to {out}" if args.domains else f"wrote {out}")
+    with assets.staging(out, seed=assets_dir()) as tmp:
+        assets.build_library(tmp, cfg, args.domains, device=args.device, progress=not args.quiet)
+        assets.replace_path(tmp / "library", out)
+    print(f"wrote library of {len(args.domains)} domains to {out}" if args.domains else f"wrote {out}")
 
 
 def cmd_add_domain(args):
@@ -228,13 +230,13 @@ def cmd_add_domain(args):
     from .train import AdapterConfig
     from .world.generate import generate, get_domain
     library = AdapterLibrary(args.library)
-    clip = load_clip()
+    clip = load_clip(device=args.device)
     spec = get_domain(args.domain)
     lora = library.lora_config
     cfg = AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
                         steps=args.steps, seed=args.seed)
-    add_domain(library, spec.name, generate(spec, "train"), load_segmenter(clip=clip), clip, cfg,
-               progress=not args.quiet)
+    add_domain(library, spec.name, generate(spec, "train"), load_segmenter(clip=clip, device=args.device), clip, cfg,
+               device=args.device, progress=not args.quiet)
     print(f"added {spec.name} to {args.library} ({len(library)} domains)")
 
 
@@ -343,14 +345,11 @@ def main(argv: list[str] | None = None) -> int:
     from .runtime import configure_threads, resolve_device
     args = build_parser().parse_args(argv)
     try:
-        if args.device:
-            resolve_device(args.device)                     # a device this machine lacks: say so now
-            os.environ["SEMLA_DEVICE"] = args.device        # read by runtime.resolve_device everywhere
+        args.device = resolve_device(args.device)      # a device this machine lacks: say so before any work
         configure_threads(args.threads)
         args.func(args)
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"semla-lab: error: {msg}", file=sys.stderr)
+    except SemlaError as e:
+        print(f"semla-lab: error: {e}", file=sys.stderr)
         return 2
     return 0
 

@@ -4,7 +4,9 @@ batched image embedding, and class-name text embedding. Notebook 04 explores the
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -13,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .runtime import assets_dir, resolve_device
+from .errors import SemlaError, UsageError
+from .runtime import assets_dir, model_device, resolve_device
 
 TINY_CLIP = "semla-tiny-clip"
 open_clip.add_model_config(Path(__file__).parent / "model_configs")
@@ -21,8 +24,52 @@ open_clip.add_model_config(Path(__file__).parent / "model_configs")
 TEMPLATES = ("a photo of a {}.", "a photo of the {}.", "there is a {} in the scene.", "a {} in the picture.")
 
 
-class ClipLoadError(RuntimeError):
+class ClipLoadError(SemlaError, RuntimeError):
     """A CLIP model could not be loaded; the message says what to do."""
+
+
+class _OpenClipRecords(logging.Filter):
+    """Drops the log records that open_clip's own code emits and whose message contains `text`."""
+    DIR = str(Path(open_clip.__file__).parent)
+
+    def __init__(self, text: str = ""):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.pathname.startswith(self.DIR) and self.text in record.getMessage())
+
+
+@contextmanager
+def muted_open_clip_logs(text: str = ""):
+    """Inside the block, drop open_clip's log records (those containing `text`, when given). open_clip
+    logs through the root logger (`logging.warning`), which also installs a stderr handler when the root
+    has none (`logging.basicConfig`); on exit the filter and any such handler are removed: the caller's
+    logging is left exactly as it was."""
+    root = logging.getLogger()
+    had_handlers, drop = bool(root.handlers), _OpenClipRecords(text)
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
+        if not had_handlers:
+            for handler in list(root.handlers):
+                root.removeHandler(handler)
+
+
+@contextmanager
+def _hub_cache_only(on: bool):
+    """open_clip has no cache-only option: inside the block its Hugging Face Hub downloads (all made
+    through open_clip.pretrained.hf_hub_download) pass `local_files_only=True`; restored on exit."""
+    import open_clip.pretrained as pretrained
+    download = pretrained.hf_hub_download
+    if on and download is not None:
+        pretrained.hf_hub_download = partial(download, local_files_only=True)
+    try:
+        yield
+    finally:
+        pretrained.hf_hub_download = download
 
 
 @dataclass
@@ -75,27 +122,25 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_clip(name: str = TINY_CLIP, pretrained: str | None = None, checkpoint: str | Path | None = None,
-              device: str | torch.device | None = None, cache_dir: str | None = None) -> Clip:
+              device: str | torch.device | None = None, cache_dir: str | None = None, offline: bool = False) -> Clip:
     """Load an open_clip model by name with a pretrained tag (e.g. "ViT-B-16", "openai"), from a local
     checkpoint file (safetensors or a weights-only torch file), or the shipped tiny CLIP (default).
-    `pretrained="random"` gives the untrained architecture (tests, timing)."""
+    `pretrained="random"` gives the untrained architecture (tests, timing). `offline=True` reads tagged
+    weights from the local Hugging Face cache only, never downloading."""
     if name not in open_clip.list_models():
         raise ClipLoadError(f"unknown open_clip model {name!r}; see open_clip.list_models()")
     if name == TINY_CLIP and pretrained is None and checkpoint is None:
         checkpoint = assets_dir() / "tiny_clip.safetensors"
     tag = None if (checkpoint is not None or pretrained == "random") else pretrained
-    if tag is None:     # open_clip warns "no pretrained weights loaded": we load them ourselves, or want none
-        logging.disable(logging.WARNING)
-    try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=cache_dir)
+    try:    # without a tag open_clip warns "no pretrained weights loaded": we load them ourselves, or want none
+        with muted_open_clip_logs("No pretrained weights loaded"), _hub_cache_only(offline):
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=tag, cache_dir=cache_dir)
     except Exception as e:
         raise ClipLoadError(
             f"could not load {name!r} with pretrained={tag!r}: {type(e).__name__}: {str(e)[:300]}. "
             "Without network access, download the weights elsewhere and either put them in the open_clip / "
             "Hugging Face cache (cache_dir=..., HF_HUB_CACHE) or pass checkpoint='path/to/weights.safetensors'."
         ) from None
-    finally:
-        logging.disable(logging.NOTSET)
     if checkpoint is not None:
         state = load_state_dict_file(checkpoint)
         missing, unexpected = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
@@ -120,11 +165,12 @@ def prepare_images(images: torch.Tensor, clip: Clip) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = True, batch_size: int = 128,
-                 device: str | torch.device | None = None, progress: bool = False) -> torch.Tensor:
-    """CLIP image embeddings (N, D) float32 on the CPU; L2-normalised when `normalize`.
+                 progress: bool = False) -> torch.Tensor:
+    """CLIP image embeddings (N, D) float32 on the CPU; L2-normalised when `normalize`. Computed on the
+    model's device (the inputs go there; the model is not moved).
     `images` is a (N, 3, H, W) tensor (uint8 or float in [0, 1]) or a dataset of dicts with "image"."""
-    device = resolve_device(device)
-    model = clip.model if clip.model.logit_scale.device == device else clip.model.to(device)
+    model = clip.model
+    device = model_device(model)
     out = []
     starts = range(0, len(images), batch_size)
     for start in tqdm(starts, desc="embedding", disable=not progress):
@@ -136,18 +182,18 @@ def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = 
         return torch.zeros(0, clip.embed_dim)
     emb = torch.cat(out)
     if not torch.isfinite(emb).all():
-        raise ValueError("CLIP produced non-finite embeddings; check the input images for NaN/inf")
+        raise UsageError("CLIP produced non-finite embeddings; check the input images for NaN/inf")
     return emb
 
 
 @torch.no_grad()
-def embed_class_names(clip: Clip, names: Sequence[str], templates: Sequence[str] = TEMPLATES,
-                      device: str | torch.device | None = None) -> torch.Tensor:
-    """(T, D) L2-normalised text embeddings, averaged over prompt templates (CLIP's prompt ensembling)."""
+def embed_class_names(clip: Clip, names: Sequence[str], templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
+    """(T, D) L2-normalised text embeddings on the CPU, averaged over prompt templates (CLIP's prompt
+    ensembling). Computed on the model's device; the model is not moved."""
     if not names:
-        raise ValueError("embed_class_names needs at least one class name")
-    device = resolve_device(device)
-    model = clip.model if clip.model.logit_scale.device == device else clip.model.to(device)
+        raise UsageError("embed_class_names needs at least one class name")
+    model = clip.model
+    device = model_device(model)
     prompts = [t.format(n) for n in names for t in templates]
     feats = F.normalize(model.encode_text(clip.tokenizer(prompts).to(device)).float(), dim=-1)
     feats = feats.view(len(names), len(templates), -1).mean(1)

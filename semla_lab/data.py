@@ -20,6 +20,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from .errors import SemlaError
+
 IGNORE_INDEX = 255
 MANIFEST = "manifest.json"
 MAX_PIXELS = 4096 * 4096   # refuse decompression bombs; resize bigger images before use
@@ -29,7 +31,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-class DataError(ValueError):
+class DataError(SemlaError, ValueError):
     """A dataset, image or label file is missing or malformed; the message names the file."""
 
 

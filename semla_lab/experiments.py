@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from .clip import Clip, embed_class_names, embed_images
 from .data import atomic_write_bytes, atomic_write_json
+from .errors import UnknownNameError, UsageError
 from .metrics import MIoU, harmonic_mean
 from .predictor import LibraryModel
 from .retrieval import RetrievalConfig, retrieve
-from .runtime import resolve_device
+from .runtime import model_device
 
 METHODS = ("zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle")
 FUSIONS = ("cat", "linear")
@@ -47,9 +48,9 @@ class EvalConfig:
     def __post_init__(self):
         RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
         if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+            raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
 
     @property
     def retrieval(self) -> RetrievalConfig:
@@ -79,7 +80,7 @@ def load_target(target: str, max_images: int | None = None, image_size: int | No
         from .real_data import RealDataset, real_domains
         domain = target.removeprefix("real:")
         if domain not in real_domains():
-            raise KeyError(f"unknown real domain {domain!r}; known: {', '.join(real_domains())}")
+            raise UnknownNameError(f"unknown real domain {domain!r}; known: {', '.join(real_domains())}")
         ds = RealDataset(real_domains()[domain][0], split="val", domain=domain, max_samples=max_images)
         return stack_items(domain, (ds[i] for i in range(len(ds))), ds.classes, image_size)
     if path.is_dir():
@@ -91,7 +92,7 @@ def load_target(target: str, max_images: int | None = None, image_size: int | No
     count = max_images if max_images is not None else spec.splits.get("test", 0)
     data = generate(spec, split, count, image_size)
     if len(data) == 0:
-        raise ValueError(f"target domain {spec.name!r} has no {split} images (splits: {spec.splits})")
+        raise UsageError(f"target domain {spec.name!r} has no {split} images (splits: {spec.splits})")
     return Target(spec.name, data.images, data.labels, spec.class_names, data.ids, dict(spec.scene))
 
 
@@ -114,18 +115,19 @@ def stack_items(name: str, items, classes, size: int | None = None) -> Target:
         labels.append(lab[0, 0].long())
         ids.append(it["id"])
     if not images:
-        raise ValueError(f"target {name!r} has no images")
+        raise UsageError(f"target {name!r} has no images")
     sizes = {tuple(t.shape) for t in images}
     if len(sizes) != 1:
-        raise ValueError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; pass an image size to resize")
+        raise UsageError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; pass an image size to resize")
     return Target(name, torch.stack(images), torch.stack(labels), list(classes), ids)
 
 
 @torch.no_grad()
-def evaluate_model(model, clip: Clip, data, batch_size: int = 64, device=None) -> float:
-    """mIoU (0-100) of a segmenter (no adaptation) on a DomainSplit or Target, with its own class names."""
-    device = resolve_device(device)
-    text = embed_class_names(clip, data.class_names, device=device).to(device)
+def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
+    """mIoU (0-100) of a segmenter (no adaptation) on a DomainSplit or Target, with its own class names,
+    computed on the model's device."""
+    device = model_device(model)
+    text = embed_class_names(clip, data.class_names).to(device)
     meter = MIoU(len(data.class_names))
     for start in range(0, len(data.images), batch_size):
         x = data.images[start:start + batch_size].to(device).float().div(255)
@@ -141,7 +143,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
     exclude = [target.name] if in_library else []
     others = torch.tensor([i for i, n in enumerate(names) if n not in exclude])
     normalize = engine.library.embedder.get("normalize", True)
-    text = embed_class_names(clip, target.class_names, device=engine.device)
+    text = embed_class_names(clip, target.class_names)
     meters = {m: MIoU(len(target.class_names)) for m in methods if m != "oracle" or in_library}
     records = []
     centroids = engine.library.centroids(names)
@@ -150,7 +152,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
         y = target.labels[start:start + cfg.batch_size].long()
         n = len(x)
         t0 = time.perf_counter()
-        emb = embed_images(clip, x, normalize=normalize, device=engine.device)
+        emb = embed_images(clip, x, normalize=normalize)
         t1 = time.perf_counter()
         ret = retrieve(emb, centroids, names, cfg.retrieval, exclude=exclude)
         t2 = time.perf_counter()
@@ -172,7 +174,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
             elif m == "uniform_late":
                 out = engine.late_logits(x, text, all_idx, all_w)
             else:
-                raise ValueError(f"unknown method {m!r}; expected some of {METHODS}")
+                raise UsageError(f"unknown method {m!r}; expected some of {METHODS}")
             meters[m].update(out.argmax(1).cpu(), y)
             timings[m] = time.perf_counter() - ts
         for i in range(n):
@@ -233,7 +235,7 @@ def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=ME
     to `out_dir` when given. Returns the results dict."""
     unknown = set(methods) - set(METHODS)
     if unknown:
-        raise ValueError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
+        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
     engine = LibraryModel(segmenter, library, device)
     per_domain, counts, records = {}, {}, []
     for name in tqdm(targets, desc="targets", disable=not progress):
@@ -260,7 +262,7 @@ def ablation_grid(**axes) -> list[EvalConfig]:
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     bad = set(axes) - fields
     if bad:
-        raise ValueError(f"unknown knob(s) {sorted(bad)}; knobs: {sorted(fields)}")
+        raise UsageError(f"unknown knob(s) {sorted(bad)}; knobs: {sorted(fields)}")
     axes = {k: v if isinstance(v, (list, tuple)) else [v] for k, v in axes.items()}   # scalars: one value
     keys = list(axes)
     return [EvalConfig(**dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]

@@ -35,6 +35,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from .data import atomic_write_bytes, atomic_write_json
+from .errors import SemlaError
 
 FORMAT = 1
 INDEX = "index.json"
@@ -48,7 +49,7 @@ _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _CENTROIDS = re.compile(r"centroids-\d+\.safetensors")
 
 
-class LibraryError(ValueError):
+class LibraryError(SemlaError, ValueError):
     """A library, adapter or centroid is missing or malformed; the message names the domain or file."""
 
 

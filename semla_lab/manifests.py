@@ -1,14 +1,17 @@
-"""Where the data manifests live: data_manifests/ of the source tree, or $SEMLA_MANIFESTS."""
+"""Where the data manifests live: the package's data_manifests/ (shipped in the wheel; the repository's
+top-level data_manifests/ is a symlink to it), or $SEMLA_MANIFESTS."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from .errors import MissingFileError
+
 
 def manifests_dir() -> Path:
     env = os.environ.get("SEMLA_MANIFESTS")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "data_manifests"
+    path = Path(env) if env else Path(__file__).resolve().parent / "data_manifests"
     if not path.is_dir():
-        raise FileNotFoundError(f"data manifests folder not found at {path}; set SEMLA_MANIFESTS to the "
-                                "data_manifests/ folder of a semla_lab checkout")
+        raise MissingFileError(f"data manifests folder not found at {path}; set SEMLA_MANIFESTS to a folder "
+                               "laid out like semla_lab/data_manifests/ (mini/, real/)")
     return path

@@ -12,6 +12,8 @@ from typing import Iterable
 
 import torch
 
+from .errors import UsageError
+
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
                      ignore_index: int = 255) -> torch.Tensor:
@@ -21,24 +23,24 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
     Every ``pred`` value must lie in [0, C), ignored pixels included.
     """
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise UsageError(f"num_classes must be >= 1, got {num_classes}")
     if 0 <= ignore_index < num_classes:
-        raise ValueError(f"ignore_index {ignore_index} collides with a class id in [0, {num_classes})")
+        raise UsageError(f"ignore_index {ignore_index} collides with a class id in [0, {num_classes})")
     for name, t in (("pred", pred), ("target", target)):
         if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer label ids, got dtype {t.dtype} "
+            raise UsageError(f"{name} must hold integer label ids, got dtype {t.dtype} "
                              "(take argmax of logits first)")
     if pred.shape != target.shape:
-        raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+        raise UsageError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
     bad_pred = (pred < 0) | (pred >= num_classes)
     if bad_pred.any():
-        raise ValueError(f"pred id {int(pred[bad_pred][0])} outside [0, {num_classes})")
+        raise UsageError(f"pred id {int(pred[bad_pred][0])} outside [0, {num_classes})")
     keep = target != ignore_index
     target, pred = target[keep], pred[keep]
     bad_target = (target < 0) | (target >= num_classes)
     if bad_target.any():
-        raise ValueError(f"target id {int(target[bad_target][0])} outside [0, {num_classes}) "
+        raise UsageError(f"target id {int(target[bad_target][0])} outside [0, {num_classes}) "
                          f"and not ignore_index {ignore_index}")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
@@ -46,7 +48,7 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
 def _check_square(conf: torch.Tensor) -> None:
     if conf.dim() != 2 or conf.shape[0] != conf.shape[1]:
-        raise ValueError(f"confusion matrix must be square (C, C), got shape {tuple(conf.shape)}")
+        raise UsageError(f"confusion matrix must be square (C, C), got shape {tuple(conf.shape)}")
 
 
 def iou_per_class(conf: torch.Tensor) -> torch.Tensor:
@@ -70,10 +72,10 @@ def harmonic_mean(values: Iterable[float]) -> float:
     """Harmonic mean of non-negative numbers (e.g. per-domain mIoUs); 0.0 if any value is 0."""
     vals = [float(v) for v in values]
     if not vals:
-        raise ValueError("harmonic_mean of an empty sequence")
+        raise UsageError("harmonic_mean of an empty sequence")
     for v in vals:
         if not math.isfinite(v) or v < 0:
-            raise ValueError(f"harmonic_mean needs finite non-negative values, got {v}")
+            raise UsageError(f"harmonic_mean needs finite non-negative values, got {v}")
     if any(v == 0 for v in vals):
         return 0.0
     return len(vals) / sum(1.0 / v for v in vals)
@@ -84,7 +86,7 @@ class MIoU:
 
     def __init__(self, num_classes: int, ignore_index: int = 255) -> None:
         if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+            raise UsageError(f"num_classes must be >= 1, got {num_classes}")
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self._conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)

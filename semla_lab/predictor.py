@@ -19,6 +19,7 @@ from PIL import Image
 from .clip import Clip, embed_class_names, embed_images
 from .data import read_image
 from .fusion import FusedAdapters
+from .errors import UsageError
 from .library import lora_scaling
 from .retrieval import Retrieval, RetrievalConfig, retrieve
 from .runtime import resolve_device
@@ -65,13 +66,13 @@ def as_image_tensor(image) -> torch.Tensor:
         image = np.asarray(image.convert("RGB"))
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
-            raise ValueError(f"expected an HxWx3 image array, got shape {image.shape}")
+            raise UsageError(f"expected an HxWx3 image array, got shape {image.shape}")
         image = torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError("expected an image path, PIL image, HxWx3 array or a (3, H, W) tensor")
+        raise UsageError("expected an image path, PIL image, HxWx3 array or a (3, H, W) tensor")
     image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
     if not torch.isfinite(image).all():
-        raise ValueError("image contains NaN or inf values")
+        raise UsageError("image contains NaN or inf values")
     return image
 
 
@@ -106,8 +107,7 @@ class SemLAPredictor:
     def set_image(self, image, exclude=()) -> Retrieval:
         """Embed and retrieve once for this image; `exclude` leaves named domains out (leave-one-out)."""
         self._image = as_image_tensor(image)
-        embedding = embed_images(self.clip, self._image[None], normalize=self.normalize,
-                                 device=self.model.device)
+        embedding = embed_images(self.clip, self._image[None], normalize=self.normalize)
         self.retrieval = retrieve(embedding, self.library.centroids(self.model.names), self.model.names,
                                   self.config, exclude=exclude)
         return self.retrieval
@@ -125,7 +125,7 @@ class SemLAPredictor:
     def logits(self, class_names: list[str], adapt: bool = True) -> torch.Tensor:
         """(T, H, W) logits for the current image; `adapt=False` gives the zero-shot base model."""
         self._require_image()
-        text = embed_class_names(self.clip, class_names, device=self.model.device)
+        text = embed_class_names(self.clip, class_names)
         if not adapt:
             return self.model.logits(self._image[None], text)[0].cpu()
         return self.model.logits(self._image[None], text, self.retrieval.indices, self.retrieval.weights,

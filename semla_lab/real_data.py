@@ -21,6 +21,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .data import IGNORE_INDEX, DataError, read_image
+from .errors import UsageError
 from .manifests import manifests_dir
 
 DATA_ROOT_ENV = "SEMLA_DATA_ROOT"
@@ -251,7 +252,7 @@ class RealDataset(Dataset):
                  domain: str | None = None, root: str | Path | None = None, max_samples: int | None = None):
         self.spec = spec = _spec(name_or_spec)
         if max_samples is not None and max_samples < 1:
-            raise ValueError(f"max_samples must be at least 1, got {max_samples}")
+            raise UsageError(f"max_samples must be at least 1, got {max_samples}")
         if split not in spec.splits:
             raise DataError(f"{spec.name} has no split {split!r}; splits: {', '.join(spec.splits)}")
         if domain is not None and domain not in spec.domains:

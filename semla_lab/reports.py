@@ -5,17 +5,15 @@ Benchmark outputs (written by `semla-lab evaluate --out` / experiments.run_bench
   failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed, retrieval_stats.
 Live evaluation (leave-one-out optional): method_predictions, per_image_miou, evaluate_in_library.
 Library growth: adapter_fingerprints, fingerprint_changes, write_spec, add_tensors_domain.
-Real data: hub_offline, try_load_clip, real_data_status, missing_data_message, write_real_layout,
+Real data: try_load_clip, real_data_status, missing_data_message, write_real_layout,
 real_tensors, lora_targets, real_pipeline (the whole recipe on real datasets with any CLIP).
 Notebooks: quiet_known_warnings.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -24,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .errors import MissingFileError, UnknownNameError, UsageError
 from .metrics import MIoU
 
 # Table 1 of the paper (20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU.
@@ -42,7 +41,7 @@ def load_benchmark(folder: str | Path) -> tuple[dict, list[dict]]:
     """The results.json payload and the selections.jsonl records of a benchmark folder."""
     folder = Path(folder)
     if not (folder / "results.json").is_file():
-        raise FileNotFoundError(f"no results.json in {folder}; produce it with "
+        raise MissingFileError(f"no results.json in {folder}; produce it with "
                                 f"`semla-lab evaluate --out {folder.name}` (several minutes on a CPU)")
     payload = json.loads((folder / "results.json").read_text())
     sel = folder / "selections.jsonl"
@@ -104,7 +103,7 @@ def borrow_matrix(records: Iterable[dict], sources: Sequence[str] | None = None,
     (0 when never retrieved). Rows sum to 1. Sources default to the library order of the records."""
     records = list(records)
     if not records:
-        raise ValueError("borrow_matrix needs at least one selection record")
+        raise UsageError("borrow_matrix needs at least one selection record")
     sources = list(sources or records[0]["distances"])
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
@@ -169,8 +168,8 @@ def method_predictions(engine, clip, images: torch.Tensor, class_names: Sequence
     cfg = cfg or EvalConfig()
     names = engine.names
     x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
-    text = embed_class_names(clip, list(class_names), device=engine.device)
-    emb = embed_images(clip, x, normalize=engine.library.embedder.get("normalize", True), device=engine.device)
+    text = embed_class_names(clip, list(class_names))
+    emb = embed_images(clip, x, normalize=engine.library.embedder.get("normalize", True))
     ret = retrieve(emb, engine.library.centroids(names), names, cfg.retrieval, exclude=list(exclude))
     n = len(x)
     others = torch.tensor([i for i, d in enumerate(names) if d not in exclude]).expand(n, -1)
@@ -189,7 +188,7 @@ def method_predictions(engine, clip, images: torch.Tensor, class_names: Sequence
                 continue
             logits = engine.logits(x, text, torch.full((n, 1), names.index(own)), torch.ones(n, 1))
         else:
-            raise ValueError(f"unknown method {m!r}")
+            raise UsageError(f"unknown method {m!r}")
         out[m] = logits.argmax(1).cpu()
     return out, ret
 
@@ -269,55 +268,26 @@ def add_tensors_domain(library, name: str, images: torch.Tensor, labels: torch.T
     from .train import AdapterConfig, train_adapter
     lora = library.lora_config
     cfg = cfg or AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"])
-    text = embed_class_names(clip, list(class_names), device=device)
+    text = embed_class_names(clip, list(class_names))
     with tempfile.TemporaryDirectory() as tmp:
         info = train_adapter(segmenter, text, images, labels, tmp, library.base_model, cfg, device, progress)
-        centroid = embed_images(clip, images, normalize=library.embedder["normalize"], device=device).mean(0)
+        centroid = embed_images(clip, images, normalize=library.embedder["normalize"]).mean(0)
         library.add(name, tmp, centroid, num_images=len(images), metadata=metadata or {})
     return info
 
 
 # ---- the real-data path ---------------------------------------------------------------------------
 
-@contextlib.contextmanager
-def hub_offline():
-    """Hugging Face Hub offline mode inside the block, even when huggingface_hub was already imported
-    (it reads HF_HUB_OFFLINE once, at import): only the local cache is consulted, nothing is downloaded."""
-    old_env = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        import huggingface_hub.constants as hf_constants
-    except ImportError:  # pragma: no cover - open_clip depends on huggingface_hub
-        hf_constants = None
-    old_const = getattr(hf_constants, "HF_HUB_OFFLINE", None)
-    if hf_constants is not None:
-        hf_constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if hf_constants is not None:
-            hf_constants.HF_HUB_OFFLINE = old_const
-        if old_env is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old_env
-
-
 def try_load_clip(name: str, pretrained: str | None = None, checkpoint: str | Path | None = None,
                   offline: bool = True, device=None):
     """(Clip, "loaded ...") when the weights are available (offline: local cache or checkpoint only),
     else (None, the ClipLoadError message telling what to do). open_clip's own log lines are muted."""
-    from .clip import ClipLoadError, load_clip
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.CRITICAL)
+    from .clip import ClipLoadError, load_clip, muted_open_clip_logs
     try:
-        with hub_offline() if offline else contextlib.nullcontext():
-            clip = load_clip(name, pretrained=pretrained, checkpoint=checkpoint, device=device)
+        with muted_open_clip_logs():
+            clip = load_clip(name, pretrained=pretrained, checkpoint=checkpoint, device=device, offline=offline)
     except ClipLoadError as e:
         return None, str(e)
-    finally:
-        root.setLevel(level)
     return clip, f"loaded {name} ({clip.pretrained}): image size {clip.image_size}, embedding dim {clip.embed_dim}"
 
 
@@ -391,7 +361,7 @@ def write_real_layout(dataset: str, root: str | Path, images: torch.Tensor, labe
     for i in range(len(images)):
         parts = spec.patterns(split, domain)[0].split("*")
         if len(parts) < 2:
-            raise ValueError(f"{dataset}: its glob {spec.globs[0]!r} has no '*' to name files after")
+            raise UsageError(f"{dataset}: its glob {spec.globs[0]!r} has no '*' to name files after")
         listed = "".join(p + (f"{prefix}_{i:06d}" if j == len(parts) - 2 else prefix)
                          for j, p in enumerate(parts[:-1])) + parts[-1]
         other = spec.partner(listed)
@@ -452,7 +422,7 @@ def real_pipeline(clip, targets: Sequence[str], out_dir: str | Path, source: str
     domains = real_domains()
     unknown = [t for t in targets if t not in domains]
     if unknown:
-        raise KeyError(f"unknown real domain(s) {unknown}; known: {', '.join(domains)}")
+        raise UnknownNameError(f"unknown real domain(s) {unknown}; known: {', '.join(domains)}")
     if segmenter is None:
         src = real_tensors(source, "train", size=size, max_samples=max_source)
         segmenter = build_segmenter(clip.model)

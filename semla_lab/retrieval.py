@@ -12,6 +12,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
+
 METRICS = ("euclidean", "cosine")
 WEIGHTINGS = ("softmax", "uniform")
 EPS = 1e-8   # distances are clamped to this before 1/d, so an exact match gets ~all the weight
@@ -19,9 +21,9 @@ EPS = 1e-8   # distances are clamped to this before 1/d, so an exact match gets 
 
 def _check_finite(t: torch.Tensor, name: str) -> None:
     if not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+        raise UsageError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if not torch.isfinite(t).all():
-        raise ValueError(f"{name} contains NaN or inf")
+        raise UsageError(f"{name} contains NaN or inf")
 
 
 def distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str = "euclidean") -> torch.Tensor:
@@ -32,16 +34,16 @@ def distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str = "euc
     similarities ascending like distances, i.e. picks the least similar; we do not.)
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+        raise UsageError(f"unknown metric {metric!r}; expected one of {METRICS}")
     if queries.dim() == 1:
         queries = queries.unsqueeze(0)
     if queries.dim() != 2 or centroids.dim() != 2:
-        raise ValueError(f"expected queries (Q, D) and centroids (L, D), got shapes "
+        raise UsageError(f"expected queries (Q, D) and centroids (L, D), got shapes "
                          f"{tuple(queries.shape)} and {tuple(centroids.shape)}")
     if centroids.shape[0] == 0:
-        raise ValueError("empty library: centroids has L == 0 rows")
+        raise UsageError("empty library: centroids has L == 0 rows")
     if queries.shape[1] != centroids.shape[1]:
-        raise ValueError(f"dimension mismatch: queries have D={queries.shape[1]}, "
+        raise UsageError(f"dimension mismatch: queries have D={queries.shape[1]}, "
                          f"centroids have D={centroids.shape[1]}")
     _check_finite(queries, "queries")
     _check_finite(centroids, "centroids")
@@ -51,7 +53,7 @@ def distances(queries: torch.Tensor, centroids: torch.Tensor, metric: str = "euc
         return torch.cdist(queries, centroids, compute_mode="donot_use_mm_for_euclid_dist")
     for name, t in (("queries", queries), ("centroids", centroids)):
         if (t.norm(dim=1) == 0).any():
-            raise ValueError(f"cosine distance undefined: {name} contains a zero vector")
+            raise UsageError(f"cosine distance undefined: {name} contains a zero vector")
     sim = F.normalize(queries, dim=1) @ F.normalize(centroids, dim=1).T
     return (1 - sim).clamp(0, 2)
 
@@ -63,18 +65,18 @@ def top_k(dist: torch.Tensor, k: int, exclude: torch.Tensor | None = None
     ``exclude`` is a bool (L,) mask of entries that may not be chosen. Ties go to the lower index.
     """
     if dist.dim() != 2:
-        raise ValueError(f"dist must be (Q, L), got shape {tuple(dist.shape)}")
+        raise UsageError(f"dist must be (Q, L), got shape {tuple(dist.shape)}")
     if dist.isnan().any():
-        raise ValueError("dist contains NaN")
+        raise UsageError("dist contains NaN")
     n = dist.shape[1]
     if exclude is None:
         exclude = torch.zeros(n, dtype=torch.bool)
     if exclude.dtype != torch.bool or exclude.shape != (n,):
-        raise ValueError(f"exclude must be a bool mask of shape ({n},), got {exclude.dtype} "
+        raise UsageError(f"exclude must be a bool mask of shape ({n},), got {exclude.dtype} "
                          f"{tuple(exclude.shape)}")
     allowed = (~exclude).nonzero().squeeze(1).to(dist.device)
     if k <= 0 or k > allowed.numel():
-        raise ValueError(f"k={k} must be in [1, {allowed.numel()}] (library entries not excluded)")
+        raise UsageError(f"k={k} must be in [1, {allowed.numel()}] (library entries not excluded)")
     values, pos = torch.sort(dist[:, allowed], dim=1, stable=True)
     return values[:, :k], allowed[pos[:, :k]]
 
@@ -86,10 +88,10 @@ def softmax_weights(d_topk: torch.Tensor, tau: float = 0.05) -> torch.Tensor:
     share it. Computed in float64, returned in the input dtype.
     """
     if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+        raise UsageError(f"tau must be > 0, got {tau}")
     _check_finite(d_topk, "d_topk")
     if (d_topk < 0).any():
-        raise ValueError(f"distances must be >= 0, got min {float(d_topk.min())}")
+        raise UsageError(f"distances must be >= 0, got min {float(d_topk.min())}")
     return _softmax_weights(d_topk, tau)
 
 
@@ -102,7 +104,7 @@ def _softmax_weights(d_topk: torch.Tensor, tau: float) -> torch.Tensor:
 def uniform_weights(q: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """(q, k) weights, all 1 / k."""
     if q < 0 or k < 1:
-        raise ValueError(f"uniform_weights needs q >= 0 and k >= 1, got q={q}, k={k}")
+        raise UsageError(f"uniform_weights needs q >= 0 and k >= 1, got q={q}, k={k}")
     return torch.full((q, k), 1.0 / k, dtype=dtype)
 
 
@@ -116,13 +118,13 @@ class RetrievalConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"k must be an int >= 1, got {self.k!r}")
+            raise UsageError(f"k must be an int >= 1, got {self.k!r}")
         if not self.tau > 0:
-            raise ValueError(f"tau must be > 0, got {self.tau}")
+            raise UsageError(f"tau must be > 0, got {self.tau}")
         if self.metric not in METRICS:
-            raise ValueError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
+            raise UsageError(f"unknown metric {self.metric!r}; expected one of {METRICS}")
         if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
+            raise UsageError(f"unknown weighting {self.weighting!r}; expected one of {WEIGHTINGS}")
 
 
 @dataclass
@@ -150,13 +152,13 @@ def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str
     names = list(names)
     exclude = [exclude] if isinstance(exclude, str) else list(exclude)
     if len(names) != centroids.shape[0]:
-        raise ValueError(f"got {len(names)} names for {centroids.shape[0]} centroids")
+        raise UsageError(f"got {len(names)} names for {centroids.shape[0]} centroids")
     if len(set(names)) != len(names):
-        raise ValueError(f"library names must be unique, got {names}")
+        raise UsageError(f"library names must be unique, got {names}")
     mask = torch.zeros(len(names), dtype=torch.bool)
     for name in exclude:
         if name not in names:
-            raise ValueError(f"cannot exclude unknown library entry {name!r}; known: {names}")
+            raise UsageError(f"cannot exclude unknown library entry {name!r}; known: {names}")
         mask[names.index(name)] = True
     dist = distances(queries, centroids, config.metric)
     d_topk, indices = top_k(dist, config.k, mask)
@@ -182,7 +184,7 @@ class CentroidIndex:
         _check_finite(centroids, "centroids")
         self.names = list(names)
         if len(self.names) != centroids.shape[0] or len(set(self.names)) != len(self.names):
-            raise ValueError(f"need one unique name per centroid, got {len(self.names)} names for "
+            raise UsageError(f"need one unique name per centroid, got {len(self.names)} names for "
                              f"{centroids.shape[0]} centroids")
         self._columns = centroids.T.contiguous()                                        # (D, L)
         self.sq_norms = (self._columns * self._columns).sum(0)                          # (L,)
@@ -199,14 +201,14 @@ class CentroidIndex:
         q = queries.unsqueeze(0) if queries.dim() == 1 else queries
         _check_finite(q, "queries")
         if q.shape[1] != self.centroids.shape[1]:
-            raise ValueError(f"query dimension {q.shape[1]} != centroid dimension {self.centroids.shape[1]}")
+            raise UsageError(f"query dimension {q.shape[1]} != centroid dimension {self.centroids.shape[1]}")
         excluded = [exclude] if isinstance(exclude, str) else list(exclude)
         unknown = [n for n in excluded if n not in self.names]
         if unknown:
-            raise ValueError(f"cannot exclude unknown library entries {unknown[:3]}")
+            raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
         available = len(self.names) - len(set(excluded))
         if not 1 <= config.k <= available:
-            raise ValueError(f"k={config.k} but {available} library entries are available")
+            raise UsageError(f"k={config.k} but {available} library entries are available")
         scores = torch.addmm(self.sq_norms, q, self._columns, alpha=-2)    # squared distance - |q|^2: same order
         if excluded:
             scores[:, [self.names.index(n) for n in excluded]] = float("inf")

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import UsageError
+
 
 def configure_threads(n: int | None = None) -> int:
     """Set torch's intra-op threads from `n` or $SEMLA_THREADS (default 1: on a busy 2-core machine
@@ -16,9 +18,9 @@ def configure_threads(n: int | None = None) -> int:
     try:
         n = int(raw)
     except ValueError:
-        raise ValueError(f"SEMLA_THREADS must be a positive integer, got {raw!r}") from None
+        raise UsageError(f"SEMLA_THREADS must be a positive integer, got {raw!r}") from None
     if n < 1:
-        raise ValueError(f"SEMLA_THREADS must be a positive integer, got {n}")
+        raise UsageError(f"SEMLA_THREADS must be a positive integer, got {n}")
     torch.set_num_threads(n)
     return n
 
@@ -31,16 +33,21 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as e:
-        raise ValueError(f"{source} {str(device)!r} is not a torch device (cpu, cuda, cuda:1, mps): {e}") from None
+        raise UsageError(f"{source} {str(device)!r} is not a torch device (cpu, cuda, cuda:1, mps): {e}") from None
     if resolved.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"{source} {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) sees no "
+            raise UsageError(f"{source} {str(device)!r} asks for CUDA, but this torch ({torch.__version__}) sees no "
                              "GPU; use cpu")
         if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"{source} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise UsageError(f"{source} {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"{source} {str(device)!r} asks for Apple MPS, which this machine does not have; use cpu")
+        raise UsageError(f"{source} {str(device)!r} asks for Apple MPS, which this machine does not have; use cpu")
     return resolved
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a model's parameters live: its inputs go there (the model is never moved for them)."""
+    return next(model.parameters()).device
 
 
 def seed_everything(seed: int) -> torch.Generator:

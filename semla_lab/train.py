@@ -13,7 +13,8 @@ from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from .clip import Clip, embed_class_names, prepare_images
-from .runtime import resolve_device, seed_everything
+from .errors import UsageError
+from .runtime import model_device, resolve_device, seed_everything
 from .segmenter import LORA_TARGETS, OVSegmenter
 
 
@@ -75,7 +76,7 @@ class ClipTrainConfig:
 def pretrain_clip(clip: Clip, cfg: ClipTrainConfig = ClipTrainConfig(), device=None, progress=True) -> dict:
     """Contrastive (InfoNCE both ways) training of a CLIP on mini-world image/caption pairs, in place."""
     from .world.generate import web_corpus
-    device = resolve_device(device)
+    device = resolve_device(device) if device is not None else model_device(clip.model)
     gen = seed_everything(cfg.seed)
     images, captions = web_corpus(cfg.corpus, seed=cfg.seed)
     tokens = clip.tokenizer(captions)
@@ -114,10 +115,10 @@ def train_base_segmenter(segmenter: OVSegmenter, clip: Clip, images: torch.Tenso
     """Tune the visual tower and train the head on source images (uint8 (N, 3, H, W), labels (N, H, W)).
     `names[c]` lists the names class c may go by; each step draws one per class (vocabulary
     augmentation), so the head learns the text embedding space rather than one set of names."""
-    device = resolve_device(device)
+    device = resolve_device(device) if device is not None else model_device(segmenter)
     gen = seed_everything(cfg.seed)
     flat = [n for group in names for n in group]
-    table = embed_class_names(clip, flat, device=device).to(device)                 # (sum of names, D)
+    table = embed_class_names(clip, flat).to(device)                 # (sum of names, D)
     offsets = torch.tensor([0] + [len(g) for g in names]).cumsum(0)[:-1]
     sizes = torch.tensor([len(g) for g in names])
     model = segmenter.to(device).train()
@@ -168,11 +169,11 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
     format (adapter_config.json + adapter_model.safetensors) under `out_dir`. With `cfg.replay` > 0,
     each step also sees that many `replay` images; the two losses are weighed by their image counts."""
     if len(images) == 0 or len(images) != len(labels):
-        raise ValueError(f"an adapter needs training images with labels; got {len(images)} images and "
+        raise UsageError(f"an adapter needs training images with labels; got {len(images)} images and "
                          f"{len(labels)} label maps")
     if cfg.replay and replay is None:
-        raise ValueError(f"AdapterConfig.replay={cfg.replay} needs replay data (source images, labels, text)")
-    device = resolve_device(device)
+        raise UsageError(f"AdapterConfig.replay={cfg.replay} needs replay data (source images, labels, text)")
+    device = resolve_device(device) if device is not None else model_device(segmenter)
     gen = seed_everything(cfg.seed)
     base = copy.deepcopy(segmenter).to(device)
     base.name_or_path = base_model          # peft copies this into adapter_config.json

@@ -35,7 +35,7 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
     names = engine.names
     others = [i for i, n in enumerate(names) if n != target.name]
     normalize = engine.library.embedder.get("normalize", True)
-    text = embed_class_names(clip, target.class_names, device=engine.device)
+    text = embed_class_names(clip, target.class_names)
     keys = ["zero_shot", "uniform", "top1", *names]
     meters = {k: MIoU(len(target.class_names)) for k in keys}
     centroids, chosen = engine.library.centroids(names), Counter()
@@ -43,7 +43,7 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
         x = target.images[start:start + batch_size].float().div(255)
         y = target.labels[start:start + batch_size].long()
         n = len(x)
-        emb = embed_images(clip, x, normalize=normalize, device=engine.device)
+        emb = embed_images(clip, x, normalize=normalize)
         top1 = retrieve(emb, centroids, names, RetrievalConfig(k=1),
                         exclude=[target.name] if target.name in names else []).indices
         chosen.update(names[i] for i in top1[:, 0].tolist())

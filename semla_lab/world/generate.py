@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UnknownNameError, UsageError
 from ..manifests import manifests_dir
 from .appearance import apply_camera, apply_time_of_day, apply_weather
 from .concepts import CONCEPT_ID, CONCEPTS, SCENE_KINDS, SCENE_WORDS, SYNONYMS
@@ -126,10 +127,10 @@ def generate(spec: DomainSpec, split: str = "train", count: int | None = None,
              size: int | None = None) -> DomainSplit:
     """The first `count` samples (default: the spec's split size) of a split, as uint8 tensors."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        raise UsageError(f"unknown split {split!r}; expected one of {SPLITS}")
     count = spec.splits.get(split, 0) if count is None else count
     if count < 0:
-        raise ValueError(f"count must be >= 0, got {count}")
+        raise UsageError(f"count must be >= 0, got {count}")
     size = size or spec.size
     chunks = []
     for c in range(0, count, CHUNK):
@@ -173,7 +174,7 @@ def get_domain(name_or_path: str | Path) -> DomainSpec:
     if path.suffix in (".yaml", ".yml"):
         return load_spec(path, load_vocabularies(mini_dir() / "vocabularies.yaml")
                          if not (path.parent / "vocabularies.yaml").is_file() else None)
-    raise KeyError(f"unknown domain {name_or_path!r}: not a shipped domain ({', '.join(specs)}) "
+    raise UnknownNameError(f"unknown domain {name_or_path!r}: not a shipped domain ({', '.join(specs)}) "
                    f"and not a .yaml spec file")
 
 

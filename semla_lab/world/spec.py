@@ -14,6 +14,7 @@ from typing import Mapping
 
 import yaml
 
+from ..errors import SemlaError
 from .concepts import CONCEPTS, SCENE_KINDS, STYLES
 
 # factor -> (default, minimum, maximum). Weather and time are intensities in [0, 1]; camera factors
@@ -38,7 +39,7 @@ SPEC_KEYS = {"name", "dataset", "plays", "scene", "style", "factors", "vocabular
              "size", "description"}
 
 
-class SpecError(ValueError):
+class SpecError(SemlaError, ValueError):
     """A domain spec (file or dict) is malformed; the message names the field and the problem."""
 
 
