@@ -193,18 +193,28 @@ def cmd_summarize(args):
         print("SemLA > uniform on " + ", ".join(f"{w}/{n}" for w, n in wins) + " target domains")
 
 
+def _adapter_config(args, **fixed):
+    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps and --seed on top."""
+    from dataclasses import replace
+    from .train import AdapterConfig
+    over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    if getattr(args, "rank", None):
+        over.update(r=args.rank, lora_alpha=2 * args.rank)
+    return replace(AdapterConfig(), **over, **fixed)
+
+
 def cmd_train_adapter(args):
-    from .assets import base_model_id, load_segmenter
+    from .assets import base_model_id, load_segmenter, source_replay
     from .clip import embed_class_names, load_clip
-    from .train import AdapterConfig, train_adapter
+    from .train import train_adapter
     from .world.generate import generate, get_domain
     clip = load_clip(device=args.device)
     spec = get_domain(args.domain)
     data = generate(spec, "train")
-    cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
+    cfg = _adapter_config(args)
     info = train_adapter(load_segmenter(clip=clip, device=args.device), embed_class_names(clip, data.class_names),
                          data.images, data.labels, args.out, base_model_id(), cfg, args.device,
-                         progress=not args.quiet)
+                         progress=not args.quiet, replay=source_replay(clip) if cfg.replay else None)
     print(json.dumps(info, indent=1))
 
 
@@ -212,11 +222,10 @@ def cmd_build_library(args):
     """A library for the shipped CLIP and segmenter, built in a staging folder and moved to --out."""
     from . import assets
     from .runtime import assets_dir
-    from .train import AdapterConfig
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder; choose a new one")
-    cfg = AdapterConfig(r=args.rank, lora_alpha=2 * args.rank, steps=args.steps, seed=args.seed)
+    cfg = _adapter_config(args)
     with assets.staging(out, seed=assets_dir()) as tmp:
         assets.build_library(tmp, cfg, args.domains, device=args.device, progress=not args.quiet)
         assets.replace_path(tmp / "library", out)
@@ -227,14 +236,12 @@ def cmd_add_domain(args):
     from .assets import add_domain, load_segmenter
     from .clip import load_clip
     from .library import AdapterLibrary
-    from .train import AdapterConfig
     from .world.generate import generate, get_domain
     library = AdapterLibrary(args.library)
     clip = load_clip(device=args.device)
     spec = get_domain(args.domain)
     lora = library.lora_config
-    cfg = AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
-                        steps=args.steps, seed=args.seed)
+    cfg = _adapter_config(args, r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"])
     add_domain(library, spec.name, generate(spec, "train"), load_segmenter(clip=clip, device=args.device), clip, cfg,
                device=args.device, progress=not args.quiet)
     print(f"added {spec.name} to {args.library} ({len(library)} domains)")
@@ -313,26 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
     t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
     t.add_argument("--out", required=True)
-    for q in (t,):
-        q.add_argument("--rank", type=int, default=8)
-        q.add_argument("--steps", type=int, default=60)
-        q.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_train_adapter)
 
     bl = sub.add_parser("build-library", help="train adapters for domains into a new library folder")
     bl.add_argument("--out", required=True)
     bl.add_argument("--domains", nargs="*", help="default: every shipped target domain")
-    bl.add_argument("--rank", type=int, default=8)
-    bl.add_argument("--steps", type=int, default=60)
-    bl.add_argument("--seed", type=int, default=0)
     bl.set_defaults(func=cmd_build_library)
 
     ad = sub.add_parser("add-domain", help="train an adapter for a new domain and add it to a library")
     ad.add_argument("--library", required=True)
     ad.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
-    ad.add_argument("--steps", type=int, default=60)
-    ad.add_argument("--seed", type=int, default=0)
     ad.set_defaults(func=cmd_add_domain)
+    for q in (t, bl, ad):
+        if q is not ad:
+            q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
+        q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
+        q.add_argument("--seed", type=int, default=0)
 
     for q in sub.choices.values():
         q.add_argument("--quiet", action="store_true", help="no progress bars")

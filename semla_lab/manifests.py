@@ -1,5 +1,5 @@
-"""Where the data manifests live: the package's data_manifests/ (shipped in the wheel; the repository's
-top-level data_manifests/ is a symlink to it), or $SEMLA_MANIFESTS."""
+"""Where the data manifests live: the package's data_manifests/ (in a checkout a symlink to the repository's
+top-level data_manifests/, the one source; in a wheel the files themselves), or $SEMLA_MANIFESTS."""
 from __future__ import annotations
 
 import os
@@ -13,5 +13,5 @@ def manifests_dir() -> Path:
     path = Path(env) if env else Path(__file__).resolve().parent / "data_manifests"
     if not path.is_dir():
         raise MissingFileError(f"data manifests folder not found at {path}; set SEMLA_MANIFESTS to a folder "
-                               "laid out like semla_lab/data_manifests/ (mini/, real/)")
+                               "laid out like the repository's data_manifests/ (mini/, real/)")
     return path

@@ -6,7 +6,7 @@ import yaml
 from semla_lab.world.concepts import CONCEPT_ID, SCENE_KINDS
 from semla_lab.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
                                       shipped_domains, target_domains, web_corpus)
-from semla_lab.world.spec import SpecError, load_spec, load_vocabularies, to_dict, validate_spec
+from semla_lab.world.spec import FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec
 
 SPECS = shipped_domains()
 
@@ -94,6 +94,18 @@ def test_captions_name_scene_conditions_and_classes():
     assert sum("night" in c for c in data.captions) >= 6
     _, caps = web_corpus(64, seed=3)
     assert len(caps) == 64 and len(set(caps)) > 20
+
+
+def test_condition_words_name_every_factor_present_and_style_sometimes():
+    from semla_lab.world.generate import condition_words
+    plain = {k: FACTORS[k][0] for k in FACTORS}
+    assert condition_words(plain) == []
+    nyu_like = {**plain, "noise": 0.06, "blur": 1.0, "resolution": 0.5, "cast_r": 1.1, "cast_b": 0.85}
+    assert condition_words(nyu_like) == ["noisy", "blurry", "low-resolution", "warm-toned"]
+    assert condition_words({**plain, "fog": 0.6, "snow": 0.7, "exposure": 0.8}) == ["foggy", "snowy", "dark"]
+    caps = generate(SPECS["muses_fog_day"], "train", 64).captions
+    assert all(c.startswith("a foggy low-resolution") for c in caps)
+    assert 5 < sum("nordic style" in c for c in caps) < 40       # STYLE_MENTION = 0.3
 
 
 def test_vocab_lut_maps_missing_concepts_to_ignore():

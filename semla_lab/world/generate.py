@@ -22,9 +22,11 @@ from .spec import FACTORS, SPLITS, DomainSpec, load_spec, load_vocabularies, val
 
 CHUNK = 64
 SOURCE_DOMAIN = "source"
-STYLE_MENTION = 0.3   # share of captions that name the place style: people describe a photo's scene and
-                      # conditions far more often than its city (measured: naming it always made IDD retrieve
-                      # COCONut, the other Indian-style domain, over every street domain)
+# Share of captions that name the place style. People describe a photo's scene and conditions far more often
+# than its city, and the tiny CLIP weighs each factor by how often captions tell it apart: naming the style
+# always made IDD retrieve COCONut, the other Indian-style domain, over every street domain (README,
+# "Faithful stand-ins", has the measurements).
+STYLE_MENTION = 0.3
 
 
 @dataclass
