@@ -144,8 +144,8 @@ class AdapterConfig:
     target_modules: str = LORA_TARGETS
     steps: int = 60
     batch: int = 32
-    lr: float = 2e-3
-    replay: int = 0           # source images added to every batch (with the source vocabulary)
+    lr: float = 1e-3          # 2e-3 overwrote: 44% of off-domain pairs lost > 2 mIoU (README, "Faithful stand-ins")
+    replay: int = 16          # source images added to every batch (with the source vocabulary): adapt, not overwrite
     seed: int = 0
 
     def lora_config(self, base_model: str) -> LoraConfig:
