@@ -261,16 +261,20 @@ def write_spec(spec, path: str | Path) -> Path:
 
 
 def add_tensors_domain(library, name: str, images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str],
-                       segmenter, clip, cfg=None, metadata: dict | None = None, device=None, progress: bool = False) -> dict:
+                       segmenter, clip, cfg=None, metadata: dict | None = None, device=None, progress: bool = False,
+                       replay=None) -> dict:
     """assets.add_domain for data that is not a mini-world spec (e.g. a real dataset): train an adapter
-    on uint8 images (N, 3, H, W) and labels (N, H, W), and add it with its centroid to `library`."""
+    on uint8 images (N, 3, H, W) and labels (N, H, W), and add it with its centroid to `library`.
+    `replay` (train.Replay: source images the adapter keeps seeing) is used when the recipe asks for it;
+    without it the default recipe replays nothing."""
     from .clip import embed_class_names, embed_images
     from .train import AdapterConfig, train_adapter
     lora = library.lora_config
-    cfg = cfg or AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"])
+    cfg = cfg or AdapterConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"],
+                               **({} if replay is not None else {"replay": 0}))
     text = embed_class_names(clip, list(class_names))
     with tempfile.TemporaryDirectory() as tmp:
-        info = train_adapter(segmenter, text, images, labels, tmp, library.base_model, cfg, device, progress)
+        info = train_adapter(segmenter, text, images, labels, tmp, library.base_model, cfg, device, progress, replay)
         centroid = embed_images(clip, images, normalize=library.embedder["normalize"]).mean(0)
         library.add(name, tmp, centroid, num_images=len(images), metadata=metadata or {})
     return info
@@ -415,7 +419,8 @@ def real_pipeline(clip, targets: Sequence[str], out_dir: str | Path, source: str
     from .predictor import LibraryModel
     from .real_data import real_domains
     from .segmenter import build_segmenter
-    from .train import AdapterConfig, SegTrainConfig, train_base_segmenter
+    from .clip import embed_class_names
+    from .train import AdapterConfig, Replay, SegTrainConfig, train_base_segmenter
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     size = size or clip.image_size
@@ -423,22 +428,24 @@ def real_pipeline(clip, targets: Sequence[str], out_dir: str | Path, source: str
     unknown = [t for t in targets if t not in domains]
     if unknown:
         raise UnknownNameError(f"unknown real domain(s) {unknown}; known: {', '.join(domains)}")
+    cfg = adapter_cfg or AdapterConfig()
+    src = real_tensors(source, "train", size=size, max_samples=max_source) if segmenter is None or cfg.replay else None
     if segmenter is None:
-        src = real_tensors(source, "train", size=size, max_samples=max_source)
         segmenter = build_segmenter(clip.model)
         train_base_segmenter(segmenter, clip, src.images, src.labels, [[c] for c in src.class_names],
                              seg_cfg or SegTrainConfig(), device, progress)
     save_file({k: v.detach().cpu().contiguous() for k, v in segmenter.state_dict().items()},
               str(out / "segmenter.safetensors"))
     base = f"{clip.name}-segmenter@{file_digest(out / 'segmenter.safetensors')}"
-    cfg = adapter_cfg or AdapterConfig()
+    replay = Replay(src.images, src.labels, embed_class_names(clip, src.class_names)) if cfg.replay else None
     library = AdapterLibrary.create(out / "library", embedder=clip.identity(True), base_model=base,
                                     lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
     for name in targets:
         dataset, domain = domains[name]
         train = real_tensors(dataset, "train", domain, size, max_train)
         add_tensors_domain(library, name, train.images, train.labels, train.class_names, segmenter, clip, cfg,
-                           metadata={"dataset": dataset, "size": size}, device=device, progress=progress)
+                           metadata={"dataset": dataset, "size": size}, device=device, progress=progress,
+                           replay=replay)
     eval_cfg = eval_cfg or EvalConfig()
     methods = list(methods or METHODS)
     engine = LibraryModel(segmenter, library, device)

@@ -96,7 +96,7 @@ def tiny_library(tmp_path_factory, tiny_segmenter, tiny_clip_random):
     root = tmp_path_factory.mktemp("lib") / "library"
     lib = AdapterLibrary.create(root, embedder=tiny_clip_random.identity(True), base_model="tiny-test",
                                 lora={"r": 2, "lora_alpha": 4, "target_modules": AdapterConfig().target_modules})
-    cfg = AdapterConfig(r=2, lora_alpha=4, steps=2, batch=4, lr=5e-2)
+    cfg = AdapterConfig(r=2, lora_alpha=4, steps=2, batch=4, lr=5e-2, replay=0)
     data = {}
     for name in ("cityscapes", "acdc_night", "nyu"):
         split = generate(get_domain(name), "train", 8)
@@ -160,7 +160,7 @@ def test_fingerprints_show_only_the_added_and_removed_domain(tiny_library, tiny_
     assert list(before.index) == copy.names() and before["sha256"].str.len().eq(12).all()
     split = data["cityscapes"]
     reports.add_tensors_domain(copy, "extra", split.images, split.labels, split.class_names, tiny_segmenter,
-                               tiny_clip_random, AdapterConfig(r=2, lora_alpha=4, steps=1, batch=4), device="cpu")
+                               tiny_clip_random, AdapterConfig(r=2, lora_alpha=4, steps=1, batch=4, replay=0), device="cpu")
     after = reports.adapter_fingerprints(copy)
     changes = reports.fingerprint_changes(before, after)
     assert changes == {"added": ["extra"], "removed": [], "changed": [], "unchanged": copy.names()[:3]}
