@@ -141,7 +141,7 @@ def _eval_config(args, **over):
 
 
 def cmd_evaluate(args):
-    from .experiments import METHODS, format_table, run_benchmark
+    from .experiments import METHODS, format_intervals, format_table, run_benchmark
     from .world.generate import target_domains
     cfg, methods = _eval_config(args), args.methods or METHODS
     unknown = set(methods) - set(METHODS)
@@ -151,6 +151,11 @@ def cmd_evaluate(args):
     payload = run_benchmark(seg, clip, library, args.targets or target_domains(), methods, cfg, args.out,
                             device=args.device, progress=not args.quiet)
     print(format_table(payload["results"]))
+    if payload["bootstrap"]:
+        print("\n" + format_intervals(payload["bootstrap"]))
+    gap = payload["gap_closed"].get("semla")
+    if gap is not None:
+        print(f"\nSemLA closes {100 * gap:.0f}% of the zero-shot -> oracle h-mean gap (paper: 68%)")
     if args.out:
         print(f"\nwrote {Path(args.out) / 'results.json'} and selections.jsonl")
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .clip import Clip, embed_class_names, embed_images
 from .data import atomic_write_bytes, atomic_write_json
 from .errors import UnknownNameError, UsageError
-from .metrics import MIoU, harmonic_mean
+from .metrics import MIoU, harmonic_mean, paired_bootstrap
 from .predictor import LibraryModel
 from .retrieval import RetrievalConfig, retrieve
 from .runtime import model_device
@@ -136,15 +136,18 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
 
 
 def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=METHODS,
-                    cfg: EvalConfig = EvalConfig()) -> tuple[dict[str, float], list[dict]]:
-    """mIoU per method on one target domain, and one selection record per image."""
+                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None
+                    ) -> tuple[dict[str, float], list[dict]]:
+    """mIoU per method on one target domain, and one selection record per image. With `image_confusions`
+    (a dict), also fills it with each method's per-image confusion matrices (N, C, C) for the bootstrap."""
     names = engine.names
     in_library = target.name in names
     exclude = [target.name] if in_library else []
     others = torch.tensor([i for i, n in enumerate(names) if n not in exclude])
     normalize = engine.library.embedder.get("normalize", True)
     text = embed_class_names(clip, target.class_names)
-    meters = {m: MIoU(len(target.class_names)) for m in methods if m != "oracle" or in_library}
+    meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
+              for m in methods if m != "oracle" or in_library}
     records = []
     centroids = engine.library.centroids(names)
     for start in range(0, len(target.images), cfg.batch_size):
@@ -186,7 +189,37 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
                 "ms": {"embed": 1000 * (t1 - t0) / n, "retrieve": 1000 * (t2 - t1) / n,
                        **{f"predict_{m}": 1000 * t / n for m, t in timings.items()}},
             })
+    if image_confusions is not None:
+        image_confusions.update({m: meter.image_confusions for m, meter in meters.items()})
     return {m: meter.compute()["miou"] for m, meter in meters.items()}, records
+
+
+BOOTSTRAP_PAIRS = (("semla", "uniform"), ("semla", "zero_shot"))
+
+
+def bootstrap_intervals(confusions: dict[str, dict[str, torch.Tensor]], resamples: int = 1000) -> dict:
+    """95% paired bootstrap intervals over test images of SemLA - uniform and SemLA - zero-shot (those
+    pairs present), per domain and in h-mean. `confusions[domain][method]` is (N, C, C)."""
+    out = {}
+    for a, b in BOOTSTRAP_PAIRS:
+        domains = [d for d, c in confusions.items() if a in c and b in c]
+        if domains:
+            out[f"{a} - {b}"] = paired_bootstrap({d: confusions[d][a] for d in domains},
+                                                 {d: confusions[d][b] for d in domains}, resamples)
+    return out
+
+
+def format_intervals(bootstrap: dict) -> str:
+    """Domains as rows, one column per compared pair: 'delta [low, high]'."""
+    if not bootstrap:
+        return ""
+    cell = lambda r: f"{r['delta']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]"
+    first = next(iter(bootstrap.values()))
+    rows = {d: {pair: cell(b["per_domain"][d]) for pair, b in bootstrap.items()} for d in first["per_domain"]}
+    rows["h-mean"] = {pair: cell(b["hmean"]) for pair, b in bootstrap.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    return (f"{100 * first['level']:.0f}% paired bootstrap intervals over test images ({first['resamples']} "
+            f"resamples):\n" + table.to_string())
 
 
 def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -> dict:
@@ -237,14 +270,15 @@ def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=ME
     if unknown:
         raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
     engine = LibraryModel(segmenter, library, device)
-    per_domain, counts, records = {}, {}, []
+    per_domain, counts, records, confusions = {}, {}, [], {}
     for name in tqdm(targets, desc="targets", disable=not progress):
         target = load_target(name, cfg.max_images, cfg.image_size)
-        per_domain[target.name], recs = evaluate_target(engine, clip, target, methods, cfg)
+        confusions[target.name] = {}
+        per_domain[target.name], recs = evaluate_target(engine, clip, target, methods, cfg, confusions[target.name])
         counts[target.name] = len(target.images)
         records += recs
     results = summarize(per_domain, counts)
-    payload = {"results": results, "gap_closed": gap_closed(results),
+    payload = {"results": results, "gap_closed": gap_closed(results), "bootstrap": bootstrap_intervals(confusions),
                "config": {**asdict(cfg), "methods": list(methods), "targets": targets,
                           "library": {"root": Path(library.root).name, "domains": library.names(),
                                       "embedder": library.embedder, "base_model": library.base_model}}}

@@ -40,6 +40,17 @@ def test_results_json_schema(small_run):
         assert set(r["per_domain"]) == set(TARGETS)
         assert all(0 <= v <= 100 for v in r["per_domain"].values())
         assert r["num_images"] == {t: 6 for t in TARGETS}
+    boot = saved["bootstrap"]
+    assert set(boot) == {"semla - uniform", "semla - zero_shot"}
+    for pair, b in boot.items():
+        a, c = pair.split(" - ")
+        assert set(b["per_domain"]) == set(TARGETS) and b["resamples"] == 1000 and b["level"] == 0.95
+        for d in TARGETS:
+            r = b["per_domain"][d]
+            assert r["delta"] == pytest.approx(saved["results"][a]["per_domain"][d] - saved["results"][c]["per_domain"][d],
+                                               abs=0.011)
+            assert r["low"] <= r["delta"] <= r["high"]
+        assert b["hmean"]["delta"] == pytest.approx(saved["results"][a]["hmean"] - saved["results"][c]["hmean"], abs=0.011)
     cfg = saved["config"]
     assert cfg["k"] == 5 and cfg["tau"] == 0.05 and cfg["methods"] == list(METHODS)
     assert set(saved["gap_closed"]) == set(METHODS)
@@ -157,3 +168,13 @@ def test_dataset_folder_is_a_target(bundle, tmp_path):
     direct = run_benchmark(seg, clip, lib, ["acdc_rain"], ["zero_shot"], EvalConfig(max_images=4, batch_size=4),
                            device="cpu", progress=False)
     assert payload["results"]["zero_shot"]["per_domain"]["mine"] == direct["results"]["zero_shot"]["per_domain"]["acdc_rain"]
+
+
+def test_evaluate_command_prints_table_intervals_and_gap(capsys):
+    from semla_lab.cli import main
+    assert main(["evaluate", "--targets", "nyu", "acdc_fog", "--max-images", "4", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "95% paired bootstrap intervals over test images (1000 resamples):" in out
+    header = next(line for line in out.splitlines() if "semla - uniform" in line)
+    assert header.split() == ["semla", "-", "uniform", "semla", "-", "zero_shot"]
+    assert "% of the zero-shot -> oracle h-mean gap (paper: 68%)" in out

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from semla_lab.errors import UsageError
 from semla_lab.metrics import MIoU, confusion_matrix, harmonic_mean, iou_per_class, mean_iou
 
 # 2x3 map, 3 classes, one ignored pixel (its prediction 2 must not count):
@@ -131,3 +132,55 @@ def test_confusion_matrix_bad_arguments():
         iou_per_class(torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype"):
         MIoU(3).update(torch.randn(4, 3), torch.zeros(4, dtype=torch.long))
+
+
+def test_batched_miou_equals_mean_iou_per_matrix():
+    from semla_lab.metrics import batched_miou
+    gen = torch.Generator().manual_seed(0)
+    conf = torch.randint(0, 20, (5, 4, 4), generator=gen)
+    conf[2, 3, :] = 0
+    conf[2, :, 3] = 0                                      # class 3 absent: left out, as mean_iou does
+    assert torch.allclose(batched_miou(conf), torch.tensor([mean_iou(c) for c in conf], dtype=torch.float64))
+
+
+def _images(n, classes, wrong, seed):
+    """Per-image confusions of n 8x8 images whose labels are predicted wrongly with probability `wrong`."""
+    gen = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, classes, (n, 8, 8), generator=gen)
+    flip = torch.rand(n, 8, 8, generator=gen) < wrong
+    pred = torch.where(flip, (target + 1) % classes, target)
+    return torch.stack([confusion_matrix(p, t, classes) for p, t in zip(pred, target)])
+
+
+def test_paired_bootstrap_matches_a_plain_resampling_loop():
+    from semla_lab.metrics import paired_bootstrap
+    a = {"x": _images(12, 3, 0.1, 1), "y": _images(9, 4, 0.3, 2)}
+    b = {"x": _images(12, 3, 0.4, 1), "y": _images(9, 4, 0.3, 3)}
+    got = paired_bootstrap(a, b, resamples=200, seed=5)
+    gen = torch.Generator().manual_seed(5)
+    draws, deltas = {}, {}
+    for d in a:
+        idx = torch.randint(len(a[d]), (200, len(a[d])), generator=gen)   # the same draws, in the same order
+        ra = torch.tensor([mean_iou(a[d][i].sum(0)) for i in idx])
+        rb = torch.tensor([mean_iou(b[d][i].sum(0)) for i in idx])
+        draws[d] = (ra, rb)
+        lo, hi = torch.quantile((ra - rb).double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+        assert got["per_domain"][d]["low"] == pytest.approx(lo, abs=0.011)
+        assert got["per_domain"][d]["high"] == pytest.approx(hi, abs=0.011)
+        deltas[d] = mean_iou(a[d].sum(0)) - mean_iou(b[d].sum(0))
+        assert got["per_domain"][d]["delta"] == pytest.approx(deltas[d], abs=0.006)
+    h = lambda x, y: 2 / (1 / x + 1 / y)
+    hd = h(draws["x"][0], draws["y"][0]) - h(draws["x"][1], draws["y"][1])
+    lo, hi = torch.quantile(hd.double(), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    assert (got["hmean"]["low"], got["hmean"]["high"]) == (pytest.approx(lo, abs=0.011), pytest.approx(hi, abs=0.011))
+    assert got["per_domain"]["x"]["low"] > 0, "30 points fewer wrong pixels on every image is a clear win"
+    assert got["per_domain"]["x"]["low"] <= got["per_domain"]["x"]["delta"] <= got["per_domain"]["x"]["high"]
+
+
+def test_paired_bootstrap_of_a_method_against_itself_is_zero_and_needs_matching_domains():
+    from semla_lab.metrics import paired_bootstrap
+    a = {"x": _images(6, 3, 0.2, 1)}
+    same = paired_bootstrap(a, a, resamples=50)
+    assert same["hmean"] == {"delta": 0.0, "low": 0.0, "high": 0.0}
+    with pytest.raises(UsageError, match="same, non-empty set of domains"):
+        paired_bootstrap(a, {"y": a["x"]})
