@@ -429,7 +429,15 @@ def real_pipeline(clip, targets: Sequence[str], out_dir: str | Path, source: str
     if unknown:
         raise UnknownNameError(f"unknown real domain(s) {unknown}; known: {', '.join(domains)}")
     cfg = adapter_cfg or AdapterConfig()
-    src = real_tensors(source, "train", size=size, max_samples=max_source) if segmenter is None or cfg.replay else None
+    src = None
+    if segmenter is None or cfg.replay:
+        from .real_data import MissingDataError
+        try:
+            src = real_tensors(source, "train", size=size, max_samples=max_source)
+        except MissingDataError as e:
+            why = "" if segmenter is None else (f" (adapters replay {cfg.replay} source images per step; "
+                                                "AdapterConfig(replay=0) trains without them)")
+            raise MissingDataError(f"{e}{why}") from None
     if segmenter is None:
         segmenter = build_segmenter(clip.model)
         train_base_segmenter(segmenter, clip, src.images, src.labels, [[c] for c in src.class_names],

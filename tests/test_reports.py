@@ -12,6 +12,7 @@ from semla_lab.experiments import EvalConfig, Target
 from semla_lab.library import AdapterLibrary
 from semla_lab.predictor import LibraryModel
 from semla_lab.retrieval import RetrievalConfig, retrieve
+from semla_lab.segmenter import build_segmenter
 from semla_lab.train import AdapterConfig
 
 DOMAINS = ["a", "b", "c"]
@@ -267,6 +268,11 @@ def test_real_pipeline_end_to_end_on_fake_real_layouts(tmp_path, monkeypatch, no
     assert all(r["target"] not in r["chosen"] for r in recs), "leave-one-out on real targets too"
     with pytest.raises(KeyError, match="unknown real domain"):
         reports.real_pipeline(tiny_clip_random, ["atlantis"], tmp_path / "bad")
+    from semla_lab.real_data import MissingDataError
+    seg = build_segmenter(tiny_clip_random.model)
+    with pytest.raises(MissingDataError, match=r"adapters replay 16 source images per step; AdapterConfig\(replay=0\)"):
+        reports.real_pipeline(tiny_clip_random, ["cityscapes"], tmp_path / "no_source", source="coco_stuff", size=32,
+                              segmenter=seg, adapter_cfg=AdapterConfig(r=2, lora_alpha=4, steps=2, batch=4))
 
 
 def test_quiet_known_warnings_filters_only_the_known_messages(caplog):
