@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .clip import embed_class_names, embed_images
 from .data import atomic_write_json
+from .experiments import load_target
 from .metrics import MIoU, harmonic_mean
 from .predictor import LibraryModel
 from .retrieval import RetrievalConfig, retrieve
@@ -92,13 +93,12 @@ def run_transfer(segmenter, clip, library, targets: list[str], split: str = "tes
                  out_dir: str | Path | None = None, device=None, progress: bool = True) -> dict:
     """The diagnostic on `targets` (names, spec files, dataset folders or real:<domain>, as `evaluate`
     takes); writes transfer.json to `out_dir` when given."""
-    from .experiments import load_target
     engine = LibraryModel(segmenter, library, device)
     per, scenes = {}, {n: library.get(n).metadata.get("scene", {}) for n in library.names()}
     for name in tqdm(targets, desc="transfer", disable=not progress):
         target = load_target(name, max_images, split=split)
         per[target.name] = target_transfer(engine, clip, target)
-        scenes.setdefault(target.name, getattr(target, "scene", {}))
+        scenes.setdefault(target.name, target.scene)
     payload = {"targets": per, "scenes": scenes, "config": {"split": split, "max_images": max_images,
                                                             "library": library.names()}}
     payload["summary"] = summarize_transfer(payload)
