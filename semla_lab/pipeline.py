@@ -162,6 +162,22 @@ def commit_staged(library: AdapterLibrary, staged: dict) -> None:
                 metadata=staged["metadata"])
 
 
+def add_domain(library: AdapterLibrary, data: Split, segmenter: OVSegmenter, clip: Clip,
+               cfg: AdapterConfig = AdapterConfig(), replay: Replay | None = None, device=None,
+               progress: bool = False) -> dict:
+    """In this process, with models already loaded (notebook 08): train an adapter on `data` (a train
+    Split) with the library's LoRA shape and add it with its centroid. Replays the mini world's source
+    domain when cfg.replay asks for it and no `replay` is given. Returns the training info."""
+    cfg = adapter_recipe(library, cfg)
+    if cfg.replay and replay is None:
+        replay = source_replay(clip)
+    with staging_folder(Path(library.root)) as stage:
+        staged = train_staged(segmenter, clip, data, stage, library.base_model, library.embedder, cfg, replay,
+                              device, progress)
+        commit_staged(library, staged)
+    return staged["info"]
+
+
 @dataclass(frozen=True)
 class AdapterJob:
     """Train the adapter of one source's domain into `staging`: everything a Ray task needs, by name."""

@@ -18,7 +18,7 @@ LAYERS = {
                     "world.appearance", "world.spec", "world.generate", "sources", "clip", "segmenter", "lora"],
     "library": ["library", "fingerprints", "assets", "predictor"],
     "training": ["train"],
-    "evaluation": ["methods", "experiments", "transfer", "results", "analysis", "plots"],
+    "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots"],
     "pipeline": ["pipeline"],
     "cli": ["cli", ""],          # "" is semla_lab/__init__.py (its lazy API names modules of every layer)
 }

@@ -14,7 +14,7 @@ from semla_lab.lora import lora_target_table
 from semla_lab.predictor import LibraryModel
 from semla_lab.real_data import missing_data_message, real_data_status
 from semla_lab.real_layout import write_real_layout
-from semla_lab.results import load_benchmark, records_from_retrieval
+from semla_lab.outputs import load_benchmark, records_from_retrieval
 from semla_lab.runtime import quiet_known_warnings
 from semla_lab.segmenter import build_segmenter
 from semla_lab.sources import load_split

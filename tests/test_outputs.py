@@ -1,11 +1,11 @@
-"""Benchmark outputs read back and compared (semla_lab.results, notebooks 07-09), on synthetic results."""
+"""Benchmark outputs read back and compared (semla_lab.outputs, notebooks 07-09), on synthetic results."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from semla_lab import results as reports
+from semla_lab import outputs as reports
 from semla_lab.retrieval import RetrievalConfig, retrieve
 
 DOMAINS = ["a", "b", "c"]
