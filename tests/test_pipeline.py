@@ -253,3 +253,24 @@ def test_per_image_miou():
     assert list(table.columns) == ["perfect", "all zero"] and len(table) == 2
     assert table["perfect"].tolist() == [100.0, 100.0]
     assert table.loc[0, "all zero"] == pytest.approx(100 * (1 / 4) / 2)    # class 0: IoU 1/4, class 1: 0
+
+
+def test_build_library_command_on_real_layouts(tmp_path, monkeypatch, no_data_env, capsys):
+    """`build-library --domains real:... --clip --checkpoint --segmenter --image-size` (the shape of the
+    ViT-B-16 command, with the tiny CLIP: no weights can be downloaded here), then add-domain resumes."""
+    from semla_lab.cli import main
+    from semla_lab.runtime import assets_dir
+    write_fake_real_data(tmp_path, monkeypatch, train=4, val=2)
+    out = tmp_path / "library"
+    common = ["--clip", "semla-tiny-clip", "--checkpoint", str(assets_dir() / "tiny_clip.safetensors"),
+              "--segmenter", str(assets_dir() / "segmenter.safetensors"), "--image-size", "32", "--steps", "1",
+              "--replay-source", "real:cityscapes", "--quiet"]
+    assert main(["build-library", "--out", str(out), "--domains", "real:acdc_fog", "real:cityscapes", *common]) == 0
+    lib = AdapterLibrary(out)
+    assert lib.names() == ["acdc_fog", "cityscapes"] and lib.get("acdc_fog").metadata == {"dataset": "acdc", "size": 32}
+    assert lib.base_model.startswith("semla-tiny-segmenter@")
+    assert main(["add-domain", "--library", str(out), "--domain", "real:cityscapes", "real:acdc_night", *common]) == 0
+    printed = capsys.readouterr().out
+    assert "cityscapes is already in" in printed and "added acdc_night" in printed
+    assert AdapterLibrary(out).names() == ["acdc_fog", "cityscapes", "acdc_night"]
+    assert main(["build-library", "--out", str(out), "--domains", "real:atlantis", *common]) == 2

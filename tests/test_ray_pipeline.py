@@ -108,3 +108,13 @@ def test_a_driver_killed_mid_build_leaves_a_library_that_a_rerun_completes(ray_s
     with Engine(ray=True) as engine:
         rerun = pipeline.add_domains(DOMAINS, out, pipeline.Models(), AdapterConfig(steps=2), engine, **BUILD)
     assert rerun["skipped"] == committed and AdapterLibrary(out).names() == DOMAINS
+
+
+def test_ray_leave_one_out_equals_serial(ray_session, serial_build):
+    from semla_lab.experiments import EvalConfig
+    models = pipeline.Models(library=str(serial_build))
+    cfg = EvalConfig(k=2, max_images=4)
+    serial = pipeline.evaluate(DOMAINS[:3], models, cfg=cfg, progress=False)
+    with Engine(ray=True) as engine:
+        remote = pipeline.evaluate(DOMAINS[:3], models, cfg=cfg, engine=engine, progress=False)
+    assert remote["results"] == serial["results"] and remote["bootstrap"] == serial["bootstrap"]
