@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from semla_lab import outputs as reports
+from semla_lab import outputs
 from semla_lab.retrieval import RetrievalConfig, retrieve
 
 DOMAINS = ["a", "b", "c"]
@@ -31,40 +31,40 @@ def _records():
 
 def test_load_benchmark_round_trip_and_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="semla-lab evaluate --out"):
-        reports.load_benchmark(tmp_path)
+        outputs.load_benchmark(tmp_path)
     payload = {"results": _results(), "config": {"k": 2}}
     (tmp_path / "results.json").write_text(json.dumps(payload))
     (tmp_path / "selections.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _records()))
-    got, recs = reports.load_benchmark(tmp_path)
+    got, recs = outputs.load_benchmark(tmp_path)
     assert got == json.loads(json.dumps(payload)) and recs == _records()
 
 
 def test_deltas_failures_and_paper_comparison():
     results = _results()
-    deltas = reports.per_domain_deltas(results)
+    deltas = outputs.per_domain_deltas(results)
     assert list(deltas.index) == ["c", "b", "a"]             # worst gain over uniform first
     assert deltas.loc["a", "semla - uniform"] == pytest.approx(5.0)
     assert deltas.loc["c", "semla - zero_shot"] == pytest.approx(-2.0)
     assert deltas.loc["b", "oracle - semla"] == pytest.approx(12.0)
-    fails = reports.failure_cases({"results": results})
+    fails = outputs.failure_cases({"results": results})
     assert list(fails.index) == ["c", "b"]                   # c: 7 below uniform; b: 2 below uniform
     assert fails.loc["c", "shortfall"] == pytest.approx(7.0)
     assert fails.loc["c", "beaten by"] == "uniform, zero_shot" and fails.loc["b", "beaten by"] == "uniform"
-    assert reports.failure_cases(results, margin=10).empty
-    comp = reports.paper_comparison(results)
+    assert outputs.failure_cases(results, margin=10).empty
+    comp = outputs.paper_comparison(results)
     assert comp.loc["semla", "gap closed (paper)"] == pytest.approx((54.2 - 39.4) / (61.1 - 39.4))
     assert comp.loc["oracle", "gap closed"] == 1 and comp.loc["zero_shot", "gap closed"] == 0
 
 
 def test_borrow_matrix_rows_sum_to_one_and_leave_one_out_diagonal_is_zero():
-    m = reports.borrow_matrix(_records())
+    m = outputs.borrow_matrix(_records())
     assert list(m.index) == DOMAINS and list(m.columns) == DOMAINS
     np.testing.assert_allclose(m.sum(axis=1), 1.0)
     assert (np.diag(m.values) == 0).all()
     assert m.loc["a", "b"] == pytest.approx((0.75 + 0.5) / 2) and m.loc["a", "c"] == pytest.approx(0.375)
-    top = reports.top_borrowed(m, n=2)
+    top = outputs.top_borrowed(m, n=2)
     assert top.loc["a", "#1"] == "b (0.62)" and top.loc["c", "#2"] == "b (0.38)"
-    stats = reports.retrieval_stats(_records())
+    stats = outputs.retrieval_stats(_records())
     assert stats.loc["a", "d own"] == 0 and stats.loc["a", "d top-1"] == pytest.approx(0.3)
     assert stats.loc["a", "w top-1"] == pytest.approx(0.625)
     assert stats.loc["a", "effective K"] == pytest.approx((1 / 0.625 + 2) / 2)
@@ -75,8 +75,8 @@ def test_records_from_retrieval_feed_the_borrow_matrix():
     g = torch.Generator().manual_seed(0)
     cents, queries = torch.randn(4, 8, generator=g), torch.randn(5, 8, generator=g)
     ret = retrieve(queries, cents, ["w", "x", "y", "z"], RetrievalConfig(k=2), exclude=["z"])
-    recs = reports.records_from_retrieval(ret, "new")
+    recs = outputs.records_from_retrieval(ret, "new")
     assert len(recs) == 5 and all("z" not in r["chosen"] for r in recs)
-    m = reports.borrow_matrix(recs)
+    m = outputs.borrow_matrix(recs)
     assert list(m.columns) == ["w", "x", "y", "z"] and m.loc["new", "z"] == 0
     assert m.sum(axis=1).iloc[0] == pytest.approx(1.0)
