@@ -152,13 +152,20 @@ def load_clip(name: str = TINY_CLIP, pretrained: str | None = None, checkpoint: 
     return Clip(model, name, label, open_clip.get_tokenizer(name), preprocess)
 
 
+def resize_to_input(images: torch.Tensor, clip: Clip) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, S, S) at the model's input size S (bilinear, antialiased); unchanged when
+    already S x S. Images of different sizes resized one by one and stacked embed as they would alone."""
+    if images.shape[-1] != clip.image_size or images.shape[-2] != clip.image_size:
+        images = F.interpolate(images, size=(clip.image_size, clip.image_size), mode="bilinear",
+                               antialias=True, align_corners=False)
+    return images
+
+
 def prepare_images(images: torch.Tensor, clip: Clip) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] (or uint8) -> resized to the model's input size and normalised."""
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
-    if images.shape[-1] != clip.image_size or images.shape[-2] != clip.image_size:
-        images = F.interpolate(images, size=(clip.image_size, clip.image_size), mode="bilinear",
-                               antialias=True, align_corners=False)
+    images = resize_to_input(images, clip)
     mean, std = clip.mean_std
     return (images - mean.to(images.device)) / std.to(images.device)
 
