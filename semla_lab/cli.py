@@ -267,6 +267,8 @@ def _own_images_predictor(args):
 def cmd_analyze(args):
     from .domain_shift import analyze_images
     from .report_html import write_report
+    from .user_images import find_files
+    find_files(args.paths, args.out)          # a missing path or an empty selection: say so before loading models
     predictor = _own_images_predictor(args)
     analysis = analyze_images(args.paths, predictor, args.classes, args.labels, args.exclude, args.max_images,
                               sample=args.sample, ignore=args.out, progress=not args.quiet)

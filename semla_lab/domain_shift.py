@@ -185,14 +185,15 @@ def _take(retrieval: Retrieval, rows: Sequence[int]) -> Retrieval:
 
 def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str] | None = None,
                    labels: str | Path | None = None, exclude: Sequence[str] = (), max_images: int | None = None,
-                   sample: int = 4, reference_count: int = REFERENCE_COUNT, ignore: str | Path | None = None,
+                   sample: int = 4, reference: Reference | None = None, ignore: str | Path | None = None,
                    progress: bool = True) -> ShiftAnalysis:
     """Analyse the images that `paths` name (files, folders, globs; see user_images.find_files) with a
     SemLAPredictor: embed `predictor.batch_size` images at a time, retrieve once per image, compare with
     the in-domain reference. With `classes`, also segment `sample` images (spread from best to worst
     covered) zero-shot and with SemLA, each at its own resolution; with `labels` (a folder of masks named
     like the images, ids into `classes`), segment every labelled image and measure mIoU per method.
-    Unreadable files are skipped and listed; `max_images` stops after that many analysed images."""
+    Unreadable files are skipped and listed; `max_images` stops after that many analysed images. `reference`
+    (in_domain_reference of the domains not excluded) is computed when not given."""
     from .data import read_label
     from .metrics import MIoU, batched_miou
     from .user_images import find_files, match_labels, read_images
@@ -207,8 +208,12 @@ def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str
     unknown = [e for e in exclude if e not in names]
     if unknown:
         raise UsageError(f"cannot exclude {', '.join(unknown)}: not in the library ({', '.join(names)})")
-    reference = in_domain_reference(predictor.clip, predictor.library, [n for n in names if n not in exclude],
-                                    reference_count, progress)
+    allowed = [n for n in names if n not in exclude]
+    if reference is None:
+        reference = in_domain_reference(predictor.clip, predictor.library, allowed, progress=progress)
+    elif set(reference.domains) | set(reference.missing) != set(allowed):
+        raise UsageError("the reference covers other domains than the library's not excluded ones; "
+                         "compute it with in_domain_reference(clip, library, those domains)")
     rows, embeddings, parts = [], [], []
     meters = {m: MIoU(len(classes), per_image=True) for m in METHODS} if pairs else {}
     batch: list[tuple[dict, Path, torch.Tensor]] = []      # (its row, file, image) until the batch is full
@@ -295,7 +300,7 @@ def analyze(paths: Sequence[str | Path], classes: Sequence[str] | None = None, l
             progress: bool = True, **kwargs) -> pd.DataFrame:
     """The analysis of `semla-lab analyze` as one DataFrame (the rows of images.csv), with the shipped tiny
     CLIP and segmenter and the shipped library (or `library`, which must be built on the tiny CLIP).
-    Keyword arguments go to analyze_images (e.g. sample, reference_count)."""
+    Keyword arguments go to analyze_images (e.g. sample, reference)."""
     from .predictor import SemLAPredictor
     predictor = SemLAPredictor.from_assets(library)
     identity = predictor.clip.identity(predictor.normalize)
