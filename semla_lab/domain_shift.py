@@ -257,7 +257,7 @@ def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str
                          f"first: {rows[0]['file']}: {rows[0]['reason']}")
     retrieval = Retrieval(torch.cat([p.indices for p in parts]), torch.cat([p.weights for p in parts]),
                           torch.cat([p.distances for p in parts]), parts[0].names)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).astype({"width": "Int64", "height": "Int64"})      # blank for skipped files
     ok = (table["status"] == "analysed").to_numpy()
     table.insert(table.columns.get_loc("nearest_distance") + 1, "coverage", np.nan)
     table.loc[ok, "coverage"] = coverage_scores(torch.tensor(table.loc[ok, "nearest_distance"].to_numpy()),

@@ -212,6 +212,29 @@ def distance_bars(dist: pd.Series, chosen: list[str], excluded: list[str] = (), 
     return ax.figure
 
 
+def k_tau_panel(image: torch.Tensor, label: torch.Tensor | None, mask: torch.Tensor,
+                chosen: list[tuple[str, float, float]], title: str = "", figsize=(11, 2.6)):
+    """One image under one (K, tau): the image, its ground truth (when given), the SemLA mask and the fusion
+    weight of each retrieved domain (analysis.semla_with's result)."""
+    panels = 3 + (label is not None)
+    fig, axes = plt.subplots(1, panels, figsize=figsize, gridspec_kw={"width_ratios": [1] * (panels - 1) + [2]})
+    views = [("image", _as_hwc(image))] + ([("ground truth", colorize(label))] if label is not None else []) \
+        + [("SemLA", colorize(mask))]
+    for ax, (name, pixels) in zip(axes, views):
+        ax.imshow(pixels)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    bars = axes[-1]
+    bars.barh(range(len(chosen)), [w for _, _, w in chosen], color="tab:orange")
+    bars.set_yticks(range(len(chosen)), [f"{n} (d={d:.2f})" for n, d, _ in chosen], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("fusion weight", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def weights_vs_tau_plot(tables: dict[str, pd.DataFrame], default_tau: float = 0.05, figsize=(10, 3)):
     """One panel per query: the weight of each retrieved adapter (rank 1..K, nearest first) against
     tau (log axis), from analysis.weights_vs_tau; a dotted line marks the paper's tau."""

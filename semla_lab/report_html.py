@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -144,6 +145,40 @@ def render_html(analysis: ShiftAnalysis, figures: dict[str, Figure], library, ti
               "distance and weight, and the skipped files.</p>",
               ok[columns].to_html(index=False, float_format="{:.3f}".format), "</body></html>"]
     return "\n".join(parts)
+
+
+class _ReportReader(HTMLParser):
+    """Collects the summary items and each figure's embedded PNG of a page that render_html wrote."""
+
+    def __init__(self):
+        super().__init__()
+        self.summary, self.figures, self._figure, self._in_item = [], {}, None, False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "figure" and attrs.get("id", "").startswith("fig-"):
+            self._figure = attrs["id"][4:]
+        elif tag == "img" and self._figure and attrs.get("src", "").startswith("data:image/png;base64,"):
+            self.figures[self._figure] = base64.b64decode(attrs["src"].split(",", 1)[1])
+        elif tag == "li" and not self.figures:            # the summary list comes before the first figure
+            self._in_item = True
+            self.summary.append("")
+
+    def handle_endtag(self, tag):
+        self._figure = None if tag == "figure" else self._figure
+        self._in_item = False if tag == "li" else self._in_item
+
+    def handle_data(self, data):
+        if self._in_item:
+            self.summary[-1] += data
+
+
+def read_report(path: str | Path) -> dict:
+    """Open a written report.html: {"summary": its summary lines, "figures": {name: PNG bytes}}."""
+    reader = _ReportReader()
+    reader.feed(Path(path).read_text(encoding="utf-8"))
+    reader.close()
+    return {"summary": reader.summary, "figures": reader.figures}
 
 
 def write_report(analysis: ShiftAnalysis, library, out: str | Path) -> dict[str, Path]:
