@@ -235,3 +235,22 @@ def test_library_without_regenerable_domains_degrades_gracefully(predictor, phot
     written = write_report(analysis, lib, tmp_path / "report")
     assert "no in-domain reference" in written["report"].read_text()
     assert (written["figures"] / "sample1_semla.png").is_file()
+
+
+def test_notebooks_draw_widget_progress_bars_without_silencing_ipywidgets():
+    """No notebook filters tqdm's "IProgress not found" warning, and notebook 12's stored progress bars are
+    Jupyter widgets (tqdm.auto with ipywidgets), as is notebook 05's K / tau explorer."""
+    import json
+    notebooks = Path(__file__).resolve().parents[1] / "notebooks"
+    for path in sorted(notebooks.glob("*.ipynb")):
+        nb = json.loads(path.read_text())
+        assert not any("IProgress" in "".join(c["source"]) for c in nb["cells"]), path.name
+
+    def widget_outputs(name):
+        nb = json.loads((notebooks / name).read_text())
+        return [o for c in nb["cells"] if c["cell_type"] == "code" for o in c["outputs"]
+                if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    bars = widget_outputs("12_analyse_your_own_images.ipynb")
+    texts = ["".join(o["data"]["text/plain"]) for o in bars]
+    assert any(t.startswith("analysing:") for t in texts) and any(t.startswith("in-domain reference:") for t in texts)
+    assert widget_outputs("05_retrieve_and_fuse_one_image.ipynb"), "the explorer's sliders"
