@@ -263,7 +263,7 @@ def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str
     table.loc[ok, "coverage"] = coverage_scores(torch.tensor(table.loc[ok, "nearest_distance"].to_numpy()),
                                                 reference.distances).numpy()
     miou = None
-    if meters:
+    if "label" in table:                  # some analysed image had a mask (max_images may stop before any)
         for m in METHODS:
             per_image = batched_miou(meters[m].image_confusions).numpy()
             table.loc[table["label"].notna().to_numpy(), f"miou_{m.lower().replace('-', '_')}"] = per_image
