@@ -1,4 +1,4 @@
-# The two commands of the README: `make demo` and `make test`. Both install into .venv first.
+# The commands of the README: `make demo`, `make test` and `make lab`. All install into .venv first.
 # `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check).
 # `make assets RAY=1` trains the library's adapters as Ray tasks on a local cluster (RAY_ADDRESS: a running one).
 VENV   := .venv
@@ -8,7 +8,7 @@ export SEMLA_THREADS ?= 1
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test wheel-check assets bench clean
+.PHONY: install demo test wheel-check assets bench lab clean
 
 install: $(STAMP)
 
@@ -34,6 +34,11 @@ assets: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
+
+# JupyterLab from the project's venv on notebooks/. JUPYTER_PATH puts the venv's kernel (the package's Python,
+# installed by `make install`) ahead of any user-level kernel named python3; ipywidgets draws the progress bars.
+lab: $(STAMP)
+	JUPYTER_PATH=$(CURDIR)/$(VENV)/share/jupyter $(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
 clean:
 	rm -rf $(VENV) runs .numba_cache .pytest_cache .wheel_check

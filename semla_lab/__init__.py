@@ -17,7 +17,7 @@ _API = {
     "AdapterLibrary": "library", "retrieve": "retrieval", "RetrievalConfig": "retrieval",
     "FusedAdapters": "fusion", "LibraryModel": "predictor", "SemLAPredictor": "predictor",
     "EvalConfig": "experiments", "run_benchmark": "experiments", "MIoU": "metrics", "harmonic_mean": "metrics",
-    "configure_threads": "runtime", "resolve_device": "runtime",
+    "configure_threads": "runtime", "resolve_device": "runtime", "analyze": "domain_shift",
 }
 __all__ = sorted(_API)
 

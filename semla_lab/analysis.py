@@ -6,7 +6,8 @@ distance_matrix, nearest_centroid_confusion, top_confusions, compare_centroids.
 Retrieval: weights_vs_tau, effective_number.
 Fusion: lora_modules, lora_factors, fuse_by_hand (the reference dW = sum_i w_i s_i B_i A_i),
 linear_cross_terms, fused_layer_delta (the package's FusedAdapters), peft_layer_delta (peft).
-Predictions: method_masks (methods.py's registry on one image), masks_miou.
+Predictions: method_masks (methods.py's registry on one image), masks_miou, semla_with (one image at
+any K and tau: notebook 05's explorer).
 Ablations: one_at_a_time.
 """
 from __future__ import annotations
@@ -259,6 +260,23 @@ def masks_miou(masks: dict[str, torch.Tensor], label: torch.Tensor, num_classes:
         meter.update(mask.long(), label.long())
         out[name] = meter.compute()["miou"]
     return pd.Series(out, name="mIoU")
+
+
+def semla_with(predictor, image, class_names: Sequence[str], k: int, tau: float, exclude: Sequence[str] = (),
+               label: torch.Tensor | None = None) -> dict:
+    """SemLA on one image with K adapters and temperature tau (the predictor's other settings kept, and
+    restored after): {"chosen": [(domain, distance, weight)], "mask": (H, W), "n_eff": effective number of
+    adapters, "miou": mIoU against `label` (None without)}."""
+    from .retrieval import RetrievalConfig
+    saved = predictor.config
+    predictor.config = RetrievalConfig(k=k, tau=tau, metric=saved.metric, weighting=saved.weighting)
+    try:
+        predictor.set_image(image, exclude=exclude)
+        chosen, mask = predictor.explain(), predictor.predict(list(class_names))
+    finally:
+        predictor.config = saved
+    miou = None if label is None else float(masks_miou({"SemLA": mask}, label, len(class_names))["SemLA"])
+    return {"chosen": chosen, "mask": mask, "n_eff": float(effective_number([w for _, _, w in chosen])), "miou": miou}
 
 
 # ---- ablations ------------------------------------------------------------------------------------

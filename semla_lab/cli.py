@@ -10,6 +10,8 @@ Adapter training and target evaluation run as Ray tasks with --ray (build, build
 evaluate, ablate; see engine.py).
   semla-lab transfer    every adapter alone on every target: off-domain harm, uniform merge, retrieval regret
   semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
+  semla-lab analyze     domain shift of your own images against a library: report.html, images.csv, figures
+  semla-lab segment     one image's mask at its own resolution, an overlay PNG with a legend, the chosen domains
 Bad arguments, paths or files (errors.SemlaError) print one line `semla-lab: error: ...` and exit with
 status 2; any other exception is a bug and keeps its traceback.
 """
@@ -280,6 +282,66 @@ def cmd_add_domain(args):
     print(f"added {', '.join(built['added']) or 'nothing'} to {args.library} ({len(AdapterLibrary(args.library))} domains)")
 
 
+# ---- your own images: analyze and segment ----------------------------------------------------------------
+
+def _own_images_predictor(args):
+    from .predictor import SemLAPredictor
+    from .retrieval import RetrievalConfig
+    seg, clip, library = _bundle(args)
+    return SemLAPredictor(seg, clip, library, RetrievalConfig(k=args.k, tau=args.tau), device=args.device,
+                          batch_size=args.batch_size)
+
+
+def cmd_analyze(args):
+    from .domain_shift import analyze_images
+    from .report_html import write_report
+    from .user_images import find_files
+    find_files(args.paths, args.out)          # a missing path or an empty selection: say so before loading models
+    predictor = _own_images_predictor(args)
+    analysis = analyze_images(args.paths, predictor, args.classes, args.labels, args.exclude, args.max_images,
+                              sample=args.sample, ignore=args.out, progress=not args.quiet)
+    written = write_report(analysis, predictor.library, args.out)
+    print("\n".join(analysis.summary()))
+    print(f"wrote {written['report']}, {written['csv']} and {len(list(written['figures'].glob('*.png')))} figures "
+          f"in {written['figures']}")
+
+
+def cmd_segment(args):
+    import io
+    from PIL import Image
+    from .data import atomic_write_bytes, read_image
+    from .plots import overlay_with_legend
+    if len(args.classes) > 255:
+        raise UsageError(f"at most 255 classes fit an 8-bit mask, got {len(args.classes)}")
+    image = read_image(args.image)
+    predictor = _own_images_predictor(args)
+    predictor.set_image(image, exclude=args.exclude)
+    mask = predictor.predict(args.classes)
+    h, w = mask.shape
+    for path, pixels in ((args.out, overlay_with_legend(image, mask, args.classes)),
+                         (args.mask, mask.numpy().astype("uint8"))):
+        if path:
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="PNG")
+            atomic_write_bytes(Path(path), buffer.getvalue())
+    print(f"wrote {args.out}: {w}x{h} overlay of the {w}x{h} mask" + (f"; class ids in {args.mask}" if args.mask else ""))
+    if args.explain:
+        for name, distance, weight in predictor.explain():
+            print(f"  {name:20s} distance {distance:.3f}  weight {weight:.3f}")
+
+
+def _own_images_options(q):
+    for flag, text in (("--library", "adapter library folder (default: the shipped one)"),
+                       ("--clip", "open_clip model name (default: the library's embedding model)"),
+                       ("--pretrained", "open_clip pretrained tag"), ("--checkpoint", "local CLIP weights"),
+                       ("--segmenter", "base segmenter weights (default: the shipped one)")):
+        q.add_argument(flag, help=text)
+    q.add_argument("--exclude", type=_csv(str), default=[], help="library domains retrieval may not use (a,b)")
+    q.add_argument("--k", type=int, default=5, help="adapters fused per image")
+    q.add_argument("--tau", type=float, default=0.05, help="softmax temperature of the fusion weights")
+    q.add_argument("--batch-size", type=int, default=32, help="images per embedding / segmentation batch")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -349,6 +411,25 @@ def build_parser() -> argparse.ArgumentParser:
     sm = sub.add_parser("summarize", help="mean and spread of several evaluate runs (e.g. adapter seeds)")
     sm.add_argument("runs", nargs="+", help="output folders of `semla-lab evaluate`")
     sm.set_defaults(func=cmd_summarize)
+
+    an = sub.add_parser("analyze", help="domain shift of your own images: report.html, images.csv, figures")
+    an.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or globs ('shots/*.jpg')")
+    an.add_argument("--out", required=True, help="output folder (report.html, images.csv, figures/)")
+    an.add_argument("--classes", type=_csv(str), help="class names, e.g. road,car,sky: also segment a sample")
+    an.add_argument("--labels", help="folder of label masks named like the images (ids into --classes, 255 ignore)")
+    an.add_argument("--max-images", type=int, help="analyse at most this many images")
+    an.add_argument("--sample", type=int, default=4, help="images whose masks the report shows (with --classes)")
+    _own_images_options(an)
+    an.set_defaults(func=cmd_analyze)
+
+    sg = sub.add_parser("segment", help="one image: mask at its resolution, overlay PNG with a legend")
+    sg.add_argument("image")
+    sg.add_argument("--classes", type=_csv(str), required=True, help="class names, e.g. road,car,sky")
+    sg.add_argument("--out", required=True, help="overlay PNG to write (the image's size)")
+    sg.add_argument("--mask", help="also write the class-id mask as an 8-bit PNG")
+    sg.add_argument("--explain", action="store_true", help="print the chosen domains with distances and weights")
+    _own_images_options(sg)
+    sg.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
     t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")

@@ -153,13 +153,20 @@ def load_clip(name: str = TINY_CLIP, pretrained: str | None = None, checkpoint: 
     return Clip(model, name, label, open_clip.get_tokenizer(name), preprocess)
 
 
+def resize_to_input(images: torch.Tensor, clip: Clip) -> torch.Tensor:
+    """(B, 3, H, W) float -> (B, 3, S, S) at the model's input size S (bilinear, antialiased); unchanged when
+    already S x S. Images of different sizes resized one by one and stacked embed as they would alone."""
+    if images.shape[-1] != clip.image_size or images.shape[-2] != clip.image_size:
+        images = F.interpolate(images, size=(clip.image_size, clip.image_size), mode="bilinear",
+                               antialias=True, align_corners=False)
+    return images
+
+
 def prepare_images(images: torch.Tensor, clip: Clip) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] (or uint8) -> resized to the model's input size and normalised."""
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
-    if images.shape[-1] != clip.image_size or images.shape[-2] != clip.image_size:
-        images = F.interpolate(images, size=(clip.image_size, clip.image_size), mode="bilinear",
-                               antialias=True, align_corners=False)
+    images = resize_to_input(images, clip)
     mean, std = clip.mean_std
     return (images - mean.to(images.device)) / std.to(images.device)
 
@@ -187,10 +194,10 @@ def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = 
     return emb
 
 
-def index_embeddings(clip: Clip, images: torch.Tensor, embedder: dict) -> torch.Tensor:
+def index_embeddings(clip: Clip, images: torch.Tensor, embedder: dict, batch_size: int = 64) -> torch.Tensor:
     """Image embeddings (N, D) as a library index built with `embedder` (a Clip.identity) holds them:
     L2-normalised or not. Centroids are written and queries embedded through here only."""
-    return embed_images(clip, images, normalize=embedder.get("normalize", True))
+    return embed_images(clip, images, normalize=embedder.get("normalize", True), batch_size=batch_size)
 
 
 def check_embedder(clip: Clip, embedder: dict, where: str) -> None:

@@ -212,6 +212,29 @@ def distance_bars(dist: pd.Series, chosen: list[str], excluded: list[str] = (), 
     return ax.figure
 
 
+def k_tau_panel(image: torch.Tensor, label: torch.Tensor | None, mask: torch.Tensor,
+                chosen: list[tuple[str, float, float]], title: str = "", figsize=(11, 2.6)):
+    """One image under one (K, tau): the image, its ground truth (when given), the SemLA mask and the fusion
+    weight of each retrieved domain (analysis.semla_with's result)."""
+    panels = 3 + (label is not None)
+    fig, axes = plt.subplots(1, panels, figsize=figsize, gridspec_kw={"width_ratios": [1] * (panels - 1) + [2]})
+    views = [("image", _as_hwc(image))] + ([("ground truth", colorize(label))] if label is not None else []) \
+        + [("SemLA", colorize(mask))]
+    for ax, (name, pixels) in zip(axes, views):
+        ax.imshow(pixels)
+        ax.set_title(name, fontsize=9)
+        ax.axis("off")
+    bars = axes[-1]
+    bars.barh(range(len(chosen)), [w for _, _, w in chosen], color="tab:orange")
+    bars.set_yticks(range(len(chosen)), [f"{n} (d={d:.2f})" for n, d, _ in chosen], fontsize=7)
+    bars.invert_yaxis()
+    bars.set_xlim(0, 1)
+    bars.set_xlabel("fusion weight", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def weights_vs_tau_plot(tables: dict[str, pd.DataFrame], default_tau: float = 0.05, figsize=(10, 3)):
     """One panel per query: the weight of each retrieved adapter (rank 1..K, nearest first) against
     tau (log axis), from analysis.weights_vs_tau; a dotted line marks the paper's tau."""
@@ -253,4 +276,93 @@ def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float
     axes[0, 0].legend(fontsize=7)
     axes[0, 0].set_ylabel(y)
     fig.tight_layout()
+    return fig
+
+
+# -- notebook 12, `semla-lab analyze` and `segment`: a folder of the user's own images
+def overlay_with_legend(image: torch.Tensor, mask: torch.Tensor, class_names: list[str], alpha: float = 0.5) -> np.ndarray:
+    """(3, H, W) image blended with its (H, W) mask, and a legend of the classes present drawn in the top-left
+    corner: (H, W, 3) uint8, the image's own size. The legend's text scales with the image height."""
+    from PIL import Image, ImageDraw, ImageFont
+    canvas = Image.fromarray(overlay(image, mask, alpha))
+    present = [int(c) for c in torch.unique(mask).tolist() if 0 <= c < len(class_names)]
+    size = max(8, min(24, image.shape[1] // 16))
+    font = ImageFont.load_default(size=size)
+    draw = ImageDraw.Draw(canvas, "RGBA")
+    width = max(draw.textlength(class_names[c], font=font) for c in present) if present else 0
+    pad, line = max(2, size // 4), size + max(2, size // 4)
+    draw.rectangle((0, 0, 3 * pad + size + width, pad + line * len(present)), fill=(0, 0, 0, 150))
+    for row, c in enumerate(present):
+        y = pad + row * line
+        draw.rectangle((pad, y, pad + size, y + size), fill=tuple(int(v) for v in PALETTE[c % len(PALETTE)]))
+        draw.text((2 * pad + size, y), class_names[c], fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def shift_map(reference_xy: np.ndarray, reference_domains: list[str], centroid_xy: np.ndarray,
+              centroid_names: list[str], image_xy: np.ndarray, coverage: np.ndarray, method: str, figsize=(9, 7)):
+    """The library's domains in 2-D (held-out images faint, coloured by domain; centroids as labelled stars)
+    and the analysed images on top, coloured by coverage (red = poorly covered; black when unknown)."""
+    fig, ax = plt.subplots(figsize=figsize)
+    colors = dict(zip(centroid_names, sns.color_palette("tab20", len(centroid_names))))
+    domains = np.asarray(reference_domains)
+    for name in dict.fromkeys(reference_domains):
+        sel = domains == name
+        ax.scatter(reference_xy[sel, 0], reference_xy[sel, 1], s=5, alpha=0.25, color=colors.get(name, "grey"))
+    for (x, y), name in zip(centroid_xy, centroid_names):
+        ax.scatter([x], [y], marker="*", s=150, color=colors[name], edgecolor="k", linewidth=0.7)
+        ax.annotate(name, (x, y), xytext=(4, 3), textcoords="offset points", fontsize=6)
+    known = ~np.isnan(coverage)
+    if known.any():
+        points = ax.scatter(image_xy[known, 0], image_xy[known, 1], c=coverage[known], cmap="RdYlGn", vmin=0, vmax=1,
+                            s=22, edgecolor="k", linewidth=0.4, marker="o")
+        fig.colorbar(points, ax=ax, label="coverage (share of in-domain distances at least as large)")
+    ax.scatter(image_xy[~known, 0], image_xy[~known, 1], s=22, color="k", marker="o")
+    ax.set_title(f"your images on the library's domains ({method}; stars: centroids, faint: held-out domain images)",
+                 fontsize=9)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    return fig
+
+
+def distance_histogram(image_distances: np.ndarray, reference_distances: np.ndarray, figsize=(7, 3)):
+    """Distance to the nearest centroid of the analysed images against the library's in-domain distances
+    (held-out images to their own centroid), as densities; the dashed line marks the in-domain 95th percentile."""
+    fig, ax = plt.subplots(figsize=figsize)
+    both = np.concatenate([image_distances, reference_distances])
+    bins = np.linspace(both.min(), both.max(), 30)
+    if len(reference_distances):
+        ax.hist(reference_distances, bins=bins, density=True, alpha=0.5, color="tab:blue",
+                label="library's held-out images, to their own centroid")
+        ax.axvline(np.quantile(reference_distances, 0.95), color="tab:blue", linestyle="--", linewidth=1)
+    ax.hist(image_distances, bins=bins, density=True, alpha=0.6, color="tab:orange",
+            label="your images, to the nearest centroid")
+    ax.set_xlabel("distance")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def borrow_bars(borrowed: pd.DataFrame, figsize=(7, 3)):
+    """Weight share of each library domain over the analysed images (domain_shift.borrowed), largest first."""
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.bar(range(len(borrowed)), 100 * borrowed["weight share"].to_numpy(), color="tab:orange")
+    ax.set_xticks(range(len(borrowed)), borrowed.index, rotation=75, fontsize=7)
+    ax.set_ylabel("share of fusion weight (%)")
+    fig.tight_layout()
+    return fig
+
+
+def thumbnail_grid(images: list[torch.Tensor], captions: list[str], ncols: int = 6, cell: float = 1.6):
+    """Images of any sizes (3, H, W) in a grid, aspect kept, one caption under each."""
+    nrows = max(1, -(-len(images) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * cell, nrows * (cell + 0.35)), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(_as_hwc(image))
+        ax.set_title(caption, fontsize=6)
+    fig.tight_layout(pad=0.3)
     return fig

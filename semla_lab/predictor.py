@@ -3,26 +3,30 @@
 `LibraryModel` installs every adapter of a library into a copy of the segmenter once (fused
 layers, see fusion.py) and runs any per-image selection: none (zero-shot), one adapter (oracle),
 all with equal weights (uniform merge), retrieved top-K (SemLA), or output-level mixing (late
-fusion). `SemLAPredictor` is the one object a notebook needs: set an image, then predict for any
-class names, and ask what it chose. Notebook 05 steps through it.
+fusion). `SemLAPredictor` is the one object a notebook needs: set an image (or a list of images of
+any sizes, embedded and segmented in batches), then predict for any class names, and ask what it chose.
+Notebook 05 steps through it; notebook 12 runs it on a folder of photos.
 """
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from .clip import Clip, embed_class_names, index_embeddings
+from .clip import Clip, embed_class_names, index_embeddings, resize_to_input
 from .data import read_image
 from .fusion import FusedAdapters
 from .errors import UsageError
 from .library import lora_scaling
 from .retrieval import Retrieval, RetrievalConfig, retrieve
 from .runtime import resolve_device
+from .segmenter import upsample_logits
 
 
 class LibraryModel:
@@ -49,6 +53,18 @@ class LibraryModel:
             return self.model(images, text)
         with self.fused.select(indices, weights, fusion):
             return self.model(images, text)
+
+    @torch.no_grad()
+    def logits_per_image(self, images: Sequence[torch.Tensor], text: torch.Tensor, indices: torch.Tensor | None = None,
+                         weights: torch.Tensor | None = None, fusion: str = "cat") -> list[torch.Tensor]:
+        """One forward for images of any sizes, each (3, H_i, W_i): every image is resized to the model's
+        input as the segmenter itself resizes, and its coarse logits are upsampled back to its own size:
+        a list of (T, H_i, W_i) on the CPU, equal to calling `logits` once per image."""
+        batch = torch.cat([self.model.to_input_size(im[None].to(self.device)) for im in images])
+        select = nullcontext() if indices is None else self.fused.select(indices, weights, fusion)
+        with select:
+            coarse = self.model.coarse_logits(batch, text.to(self.device))             # (B, T, h, w)
+        return [upsample_logits(coarse[i:i + 1], im.shape[-2:])[0].cpu() for i, im in enumerate(images)]
 
     @torch.no_grad()
     def late_logits(self, images: torch.Tensor, text: torch.Tensor, indices: torch.Tensor,
@@ -87,14 +103,20 @@ class SemLAPredictor:
     >>> p.set_image("street.png", exclude=["acdc_fog"])
     >>> mask = p.predict(["road", "car", "sky"])      # (H, W) class ids
     >>> p.explain()                                   # [(domain, distance, weight), ...]
+    >>> p.set_image_batch(["a.jpg", "b.png"])         # any sizes; embedded and segmented `batch_size` at a time
+    >>> masks = p.predict_batch(["road", "sky"])      # one (H_i, W_i) mask per image
     """
 
     def __init__(self, segmenter, clip: Clip, library, config: RetrievalConfig = RetrievalConfig(),
-                 fusion: str = "cat", device=None):
+                 fusion: str = "cat", device=None, batch_size: int = 32):
+        if batch_size < 1:
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         self.clip, self.library, self.config, self.fusion = clip, library, config, fusion
-        self.model = LibraryModel(segmenter, library, device)
-        self._image: torch.Tensor | None = None
+        self.batch_size = batch_size
+        self._segmenter, self._device, self._model = segmenter, device, None
+        self._images: list[torch.Tensor] = []
         self.retrieval: Retrieval | None = None
+        self.embeddings: torch.Tensor | None = None     # (N, D) of the images set, None when a retrieval was given
 
     @classmethod
     def from_assets(cls, library_dir: str | Path | None = None, **kwargs) -> "SemLAPredictor":
@@ -107,38 +129,79 @@ class SemLAPredictor:
         library = AdapterLibrary(library_dir or assets_dir() / "library")
         return cls(load_segmenter(clip=clip, device=kwargs.get("device")), clip, library, **kwargs)
 
+    @property
+    def model(self) -> LibraryModel:
+        """The segmenter with every adapter installed; built on first use (retrieval alone never needs it)."""
+        if self._model is None:
+            self._model = LibraryModel(self._segmenter, self.library, self._device)
+        return self._model
+
     def set_image(self, image, exclude=()) -> Retrieval:
         """Embed and retrieve once for this image; `exclude` leaves named domains out (leave-one-out)."""
-        self._image = as_image_tensor(image)
-        embedding = self.model.embed(self.clip, self._image[None])
-        self.retrieval = retrieve(embedding, self.library.centroids(self.model.names), self.model.names,
-                                  self.config, exclude=exclude)
-        return self.retrieval
+        return self.set_image_batch([image], exclude)
+
+    def set_image_batch(self, images: Sequence, exclude=(), retrieval: Retrieval | None = None) -> Retrieval:
+        """Embed (in batches) and retrieve once for each image (paths, PIL images, arrays or (3, H, W) tensors
+        of any sizes): a Retrieval with one row per image. Pass `retrieval` (one row per image, e.g. rows of
+        an earlier result) to reuse it instead of embedding again."""
+        images = [as_image_tensor(im) for im in images]
+        if not images:
+            raise UsageError("set_image_batch needs at least one image")
+        embeddings = None
+        if retrieval is None:
+            chunks = [torch.cat([resize_to_input(im[None], self.clip) for im in images[i:i + self.batch_size]])
+                      for i in range(0, len(images), self.batch_size)]
+            embeddings = torch.cat([index_embeddings(self.clip, c, self.library.embedder, batch_size=self.batch_size)
+                                    for c in chunks])                          # (N, D)
+            names = self.library.names()
+            retrieval = retrieve(embeddings, self.library.centroids(names), names, self.config, exclude=exclude)
+        elif len(retrieval.indices) != len(images):
+            raise UsageError(f"retrieval has {len(retrieval.indices)} rows for {len(images)} images")
+        self._images, self.retrieval, self.embeddings = images, retrieval, embeddings
+        return retrieval
 
     @property
     def image(self) -> torch.Tensor:
         """The current image (3, H, W) float in [0, 1]."""
         self._require_image()
-        return self._image
+        return self._images[0]
 
-    def _require_image(self):
-        if self._image is None:
-            raise RuntimeError("call set_image(image) before predict() or explain()")
+    def _require_image(self, single: bool = True):
+        if not self._images:
+            raise RuntimeError("call set_image(image) or set_image_batch(images) before predicting or explaining")
+        if single and len(self._images) != 1:
+            raise RuntimeError(f"{len(self._images)} images are set: use predict_batch() and explain_batch()")
 
     def logits(self, class_names: list[str], adapt: bool = True) -> torch.Tensor:
         """(T, H, W) logits for the current image; `adapt=False` gives the zero-shot base model."""
         self._require_image()
         text = embed_class_names(self.clip, class_names)
         if not adapt:
-            return self.model.logits(self._image[None], text)[0].cpu()
-        return self.model.logits(self._image[None], text, self.retrieval.indices, self.retrieval.weights,
+            return self.model.logits(self._images[0][None], text)[0].cpu()
+        return self.model.logits(self._images[0][None], text, self.retrieval.indices, self.retrieval.weights,
                                  self.fusion)[0].cpu()
 
     def predict(self, class_names: list[str], adapt: bool = True) -> torch.Tensor:
         """(H, W) int64 class ids into `class_names`."""
         return self.logits(class_names, adapt).argmax(0)
 
+    def predict_batch(self, class_names: list[str], adapt: bool = True) -> list[torch.Tensor]:
+        """One (H_i, W_i) int64 mask per image set with set_image_batch, `batch_size` images per forward."""
+        self._require_image(single=False)
+        text = embed_class_names(self.clip, class_names)
+        masks = []
+        for start in range(0, len(self._images), self.batch_size):
+            rows = slice(start, start + self.batch_size)
+            selection = (self.retrieval.indices[rows], self.retrieval.weights[rows], self.fusion) if adapt else ()
+            masks += [lg.argmax(0) for lg in self.model.logits_per_image(self._images[rows], text, *selection)]
+        return masks
+
     def explain(self) -> list[tuple[str, float, float]]:
         """The chosen domains with their distances and weights, nearest first."""
         self._require_image()
         return self.retrieval.chosen(0)
+
+    def explain_batch(self) -> list[list[tuple[str, float, float]]]:
+        """explain() for every image set with set_image_batch."""
+        self._require_image(single=False)
+        return [self.retrieval.chosen(q) for q in range(len(self._images))]

@@ -112,13 +112,18 @@ class OVSegmenter(nn.Module):
     def config(self) -> dict:
         return {"head": asdict(self.head.cfg), "image_size": self.image_size}
 
+    def to_input_size(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, 3, S, S) at the tower's input size S (bilinear); unchanged when already S x S."""
+        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
+            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
+                                   align_corners=False)
+        return images
+
     def transformer_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> (B, 1 + h*w, width): the visual transformer's output tokens, class token
         first. The embedding steps are those of open_clip's private `VisionTransformer._embeds`, written with
         public attributes only; a test checks the class token against open_clip's own `visual(x)`."""
-        if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   align_corners=False)
+        images = self.to_input_size(images)
         v = self.visual
         x = v.conv1((images - self.mean) / self.std).flatten(2).transpose(1, 2)   # (B, h*w, width)
         cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
@@ -131,9 +136,17 @@ class OVSegmenter(nn.Module):
         side = int(tokens.shape[1] ** 0.5)
         return F.normalize(tokens, dim=-1).transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
 
+    def coarse_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, T, h, w) logits at the head's resolution, before the upsampling to the image size."""
+        return self.head(self.dense_features(images), text.to(images.dtype))
+
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.dense_features(images), text.to(images.dtype))
-        return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return upsample_logits(self.coarse_logits(images, text), images.shape[-2:])
+
+
+def upsample_logits(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, T, h, w) coarse logits -> (B, T, H, W) at an image's size (bilinear), as the segmenter outputs them."""
+    return F.interpolate(coarse, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def build_segmenter(clip_model: nn.Module, head_cfg: HeadConfig = HeadConfig()) -> OVSegmenter:
