@@ -136,10 +136,12 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
 
 
 def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=METHODS,
-                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None
-                    ) -> tuple[dict[str, float], list[dict]]:
+                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None,
+                    embedder: tuple[Clip, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict]]:
     """mIoU per method on one target domain, and one selection record per image. With `image_confusions`
-    (a dict), also fills it with each method's per-image confusion matrices (N, C, C) for the bootstrap."""
+    (a dict), also fills it with each method's per-image confusion matrices (N, C, C) for the bootstrap.
+    `embedder` = (CLIP, centroids (L, D) in library order) retrieves with another embedding model than
+    `clip`, which still embeds the class names for the segmenter (notebook 03b's CLIP variants)."""
     names = engine.names
     in_library = target.name in names
     exclude = [target.name] if in_library else []
@@ -149,13 +151,13 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
               for m in methods if m != "oracle" or in_library}
     records = []
-    centroids = engine.library.centroids(names)
+    retrieval_clip, centroids = embedder or (clip, engine.library.centroids(names))
     for start in range(0, len(target.images), cfg.batch_size):
         x = target.images[start:start + cfg.batch_size].float().div(255)
         y = target.labels[start:start + cfg.batch_size].long()
         n = len(x)
         t0 = time.perf_counter()
-        emb = embed_images(clip, x, normalize=normalize)
+        emb = embed_images(retrieval_clip, x, normalize=normalize)
         t1 = time.perf_counter()
         ret = retrieve(emb, centroids, names, cfg.retrieval, exclude=exclude)
         t2 = time.perf_counter()
