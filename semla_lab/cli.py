@@ -183,7 +183,8 @@ def cmd_tune(args):
     seg, clip, library = _bundle(args)
     result = held_out_tuning(seg, clip, library, args.targets or target_domains(), grid,
                              selection_images=args.selection_images, report_images=args.max_images,
-                             fraction=args.fraction, seed=args.split_seed, device=args.device, progress=not args.quiet)
+                             fraction=args.fraction, seed=args.split_seed, image_size=args.image_size, device=args.device,
+                             progress=not args.quiet)
     print(selection_table(result).head(10).to_string(index=False) + "\n\n" + format_tuning(result))
     if args.out:
         atomic_write_json(Path(args.out) / "tune.json", result)

@@ -87,11 +87,11 @@ def _scores(engine, clip, targets, cfg: EvalConfig, confusions: dict | None = No
 
 def held_out_tuning(segmenter, clip, library, domains: list[str], configs: list[EvalConfig],
                     default: EvalConfig = EvalConfig(), selection_images: int = 50, report_images: int | None = None,
-                    fraction: float = 0.5, seed: int = 0, resamples: int = 1000, device=None,
-                    progress: bool = True) -> dict:
+                    fraction: float = 0.5, seed: int = 0, resamples: int = 1000, image_size: int | None = None,
+                    device=None, progress: bool = True) -> dict:
     """The held-out protocol (module docstring) over `configs` (e.g. `experiments.ablation_grid(k=..., tau=...)`),
     with `selection_images` val images per selection domain and `report_images` test images per report
-    domain (None: the whole test split).
+    domain (None: the whole test split), rendered at `image_size` when given.
 
     Returns {"split": selection and report domains, "selection": one row per distinct configuration
     (knobs, h-mean, mean, per-domain mIoU on the selection val images), "pick", "default" (knobs),
@@ -105,14 +105,14 @@ def held_out_tuning(segmenter, clip, library, domains: list[str], configs: list[
     base = plain(default)
     grid = list(dict.fromkeys(plain(c) for c in [default, *configs]))
     engine = LibraryModel(segmenter, library, device)
-    selection = [load_target(d, selection_images, split="val") for d in split.selection]
+    selection = [load_target(d, selection_images, image_size, split="val") for d in split.selection]
     rows = []
     for cfg in tqdm(grid, desc="selection grid", disable=not progress):
         per = _scores(engine, clip, selection, cfg)
         rows.append({**knobs(cfg), "hmean": round(harmonic_mean(per.values()), 2),
                      "mean": round(sum(per.values()) / len(per), 2), "per_domain": {d: round(s, 2) for d, s in per.items()}})
     pick = grid[max(range(len(grid)), key=lambda i: (rows[i]["hmean"], grid[i] == base))]
-    report = [load_target(d, report_images, split="test") for d in split.report]
+    report = [load_target(d, report_images, image_size, split="test") for d in split.report]
     reported, confusions = {}, {}
     for name, cfg in (("default", base), ("pick", pick)):
         if name == "pick" and pick == base:

@@ -61,7 +61,7 @@ def bundle():
 def test_selection_sees_only_val_images_of_selection_domains_and_report_only_test(bundle, monkeypatch):
     loads = []
     real = tuning.load_target
-    monkeypatch.setattr(tuning, "load_target", lambda name, n, split: loads.append((name, split)) or real(name, n, split=split))
+    monkeypatch.setattr(tuning, "load_target", lambda name, n, size, split: loads.append((name, split)) or real(name, n, size, split=split))
     domains = ["acdc_fog", "bdd", "cityscapes", "nyu"]
     grid = ablation_grid(k=[1, 3], tau=[0.01, 1.0])
     r = held_out_tuning(*bundle, domains, grid, selection_images=4, report_images=4, progress=False)
