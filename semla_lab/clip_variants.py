@@ -81,6 +81,14 @@ def variant_clip(variant: str, cfg: ClipTrainConfig = ClipTrainConfig(), weights
     return load_clip(TINY_CLIP, checkpoint=root / "tiny_clip.safetensors", device=device)
 
 
+def training_record(variant: str, weights_dir: str | Path | None = None) -> dict | None:
+    """How a variant was trained (config, final loss, seconds, threads), from its manifest; None untrained."""
+    from .assets import read_manifest
+    if variant == "untrained":
+        return None
+    return read_manifest(None if variant == "shipped" else Path(weights_dir) / variant).get("tiny_clip")
+
+
 def measure_variant(clip: Clip, engine: LibraryModel, text_clip: Clip, targets: list[str], transfer: dict,
                     cfg: EvalConfig = EvalConfig(), max_images: int | None = None) -> dict:
     """The three figures of the module docstring for one retrieval CLIP, per target and overall.
@@ -114,7 +122,7 @@ def run_clip_variants(segmenter, text_clip: Clip, library, transfer: dict, targe
         t0 = time.time()
         clip = variant_clip(variant, train_cfg, weights_dir, device, progress)
         out[variant] = measure_variant(clip, engine, text_clip, targets, transfer, max_images=max_images)
-        out[variant]["seconds"] = round(time.time() - t0, 1)
-    return {"variants": out, "config": {"train": asdict(train_cfg), "retrieval": asdict(EvalConfig().retrieval),
+        out[variant].update(seconds=round(time.time() - t0, 1), training=training_record(variant, weights_dir))
+    return {"variants": out, "config": {"recipe": asdict(train_cfg), "retrieval": asdict(EvalConfig().retrieval),
                                         "targets": targets, "max_images": max_images,
                                         "transfer": transfer["config"], "threads": torch.get_num_threads()}}

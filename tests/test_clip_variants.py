@@ -95,3 +95,5 @@ def test_cli_clip_variants_measures_shipped_and_untrained(capsys, tmp_path):
         assert set(v["per_target"]) == {"acdc_fog", "nyu"} and 0 <= v["nearest_centroid_accuracy"] <= 1
         assert all(sum(p["top1_domains"].values()) == 4 for p in v["per_target"].values())
     assert "nyu" not in saved["variants"]["shipped"]["per_target"]["nyu"]["top1_domains"]   # leave-one-out
+    assert saved["variants"]["untrained"]["training"] is None
+    assert saved["variants"]["shipped"]["training"]["config"]["steps"] == 1200
