@@ -20,7 +20,6 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass, replace
 
-import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError

@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-from semla_lab import clip_variants
 from semla_lab.assets import load_segmenter
 from semla_lab.cli import main
 from semla_lab.clip import load_clip
