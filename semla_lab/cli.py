@@ -6,12 +6,14 @@
   semla-lab train-adapter / build-library / add-domain   grow adapter libraries
   semla-lab evaluate    the leave-one-out benchmark (the main job)
   semla-lab ablate      a grid over retrieval and fusion knobs
-Adapter training and target evaluation run as Ray tasks with --ray (build, build-library, add-domain,
-evaluate, ablate; see engine.py).
+  semla-lab tune        choose knobs (tau, K) on held-out selection domains, report on the others
   semla-lab transfer    every adapter alone on every target: off-domain harm, uniform merge, retrieval regret
   semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
   semla-lab analyze     domain shift of your own images against a library: report.html, images.csv, figures
   semla-lab segment     one image's mask at its own resolution, an overlay PNG with a legend, the chosen domains
+  semla-lab clip-variants   retrieval with an untrained tiny CLIP and one trained without condition words
+Adapter training and target evaluation run as Ray tasks with --ray (build, build-library, add-domain,
+evaluate, ablate; see engine.py).
 Bad arguments, paths or files (errors.SemlaError) print one line `semla-lab: error: ...` and exit with
 status 2; any other exception is a bug and keeps its traceback.
 """
@@ -193,6 +195,24 @@ def cmd_ablate(args):
     print(table.to_string(index=False))
 
 
+def cmd_tune(args):
+    from .data import atomic_write_json
+    from .experiments import ablation_grid
+    from .tuning import format_tuning, held_out_tuning, selection_table
+    from .world.generate import target_domains
+    grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
+                         batch_size=[args.batch_size])
+    seg, clip, library = _bundle(args)
+    result = held_out_tuning(seg, clip, library, args.targets or target_domains(), grid,
+                             selection_images=args.selection_images, report_images=args.max_images,
+                             fraction=args.fraction, seed=args.split_seed, image_size=args.image_size, device=args.device,
+                             progress=not args.quiet)
+    print(selection_table(result).head(10).to_string(index=False) + "\n\n" + format_tuning(result))
+    if args.out:
+        atomic_write_json(Path(args.out) / "tune.json", result)
+        print(f"\nwrote {Path(args.out) / 'tune.json'}")
+
+
 def cmd_transfer(args):
     from .plots import transfer_heatmap
     from .transfer import format_transfer, run_transfer, transfer_matrix
@@ -218,6 +238,34 @@ def cmd_summarize(args):
     wins = [semla_wins(p["results"]) for p in payloads if {"semla", "uniform"} <= set(p["results"])]
     if wins:
         print("SemLA > uniform on " + ", ".join(f"{w}/{n}" for w, n in wins) + " target domains")
+
+
+def cmd_clip_variants(args):
+    import tempfile
+    from dataclasses import replace
+    from .assets import load_segmenter
+    from .clip import load_clip
+    from .clip_variants import run_clip_variants
+    from .data import atomic_write_json
+    from .library import AdapterLibrary
+    from .runtime import assets_dir
+    from .train import ClipTrainConfig
+    transfer_path = Path(args.transfer) if args.transfer else assets_dir() / "benchmark" / "transfer.json"
+    if not transfer_path.is_file():
+        raise MissingFileError(f"no transfer diagnostic at {transfer_path} (write one with `semla-lab transfer --out`)")
+    cfg = replace(ClipTrainConfig(), **{k: v for k, v in (("steps", args.steps), ("corpus", args.corpus)) if v})
+    clip = load_clip(device=args.device)
+    library = AdapterLibrary(assets_dir() / "library")
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_clip_variants(load_segmenter(clip=clip, device=args.device), clip, library,
+                                   json.loads(transfer_path.read_text()), args.targets, args.variants, cfg,
+                                   args.max_images, args.weights or tmp, args.device, progress=not args.quiet)
+    for name, v in result["variants"].items():
+        print(f"{name:14s} nearest-centroid accuracy {v['nearest_centroid_accuracy']:.3f}  proxy regret "
+              f"{v['proxy_regret']:5.2f}  SemLA h-mean {v['semla_hmean']:5.2f}")
+    if args.out:
+        atomic_write_json(Path(args.out), result)
+        print(f"wrote {args.out}")
 
 
 def _adapter_config(args, **fixed):
@@ -397,6 +445,13 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--methods", nargs="*", default=["semla"])
     a.set_defaults(func=cmd_ablate)
 
+    tu = sub.add_parser("tune", help="choose knobs on held-out selection domains (val split), report on the rest (test)")
+    knobs(tu, multi=True)
+    tu.set_defaults(k=[1, 3, 5, 10], tau=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], func=cmd_tune)
+    tu.add_argument("--selection-images", type=int, default=50, help="val images per selection domain")
+    tu.add_argument("--fraction", type=float, default=0.5, help="share of each scene kind used for selection")
+    tu.add_argument("--split-seed", type=int, default=0, help="seed of the selection / report split")
+
     tr = sub.add_parser("transfer", help="every adapter alone on every target: harm, uniform merge, retrieval regret")
     for flag, text in (("--library", "adapter library folder (default: the shipped one)"),
                        ("--clip", "open_clip model name (default: the library's embedding model)"),
@@ -430,6 +485,18 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--explain", action="store_true", help="print the chosen domains with distances and weights")
     _own_images_options(sg)
     sg.set_defaults(func=cmd_segment)
+
+    cv = sub.add_parser("clip-variants", help="retrieval with an untrained tiny CLIP and one trained on captions "
+                                              "without condition words, against the shipped one")
+    cv.add_argument("--out", help="result JSON file (the shipped one: semla_lab/assets/benchmark/clip_variants.json)")
+    cv.add_argument("--variants", nargs="*", default=["shipped", "untrained", "no_conditions"])
+    cv.add_argument("--targets", nargs="*", help="library domains to measure on (default: all)")
+    cv.add_argument("--max-images", type=int, help="test images per target (default: all)")
+    cv.add_argument("--weights", help="folder that keeps trained variants (reused when their recipe matches)")
+    cv.add_argument("--transfer", help="transfer.json with every adapter alone on every target (default: shipped)")
+    cv.add_argument("--steps", type=int, help="CLIP training steps (default: the shipped recipe's)")
+    cv.add_argument("--corpus", type=int, help="image/caption pairs (default: the shipped recipe's)")
+    cv.set_defaults(func=cmd_clip_variants)
 
     t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
     t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")

@@ -66,12 +66,14 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
 
 
 def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=METHODS,
-                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None, leave_one_out: bool = True
-                    ) -> tuple[dict[str, float], list[dict]]:
+                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None, leave_one_out: bool = True,
+                    embedder: tuple[Clip, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict]]:
     """mIoU per method on one target domain, and one selection record per image. Leave-one-out excludes
     the target's own adapter when the library holds it; without it, retrieval sees the whole library
     (deployment after adding a domain). With `image_confusions` (a dict), also fills it with each
-    method's per-image confusion matrices (N, C, C) for the bootstrap."""
+    method's per-image confusion matrices (N, C, C) for the bootstrap. `embedder` = (CLIP, centroids (L, D)
+    in library order) retrieves with another embedding model than `clip`, which still embeds the class
+    names for the segmenter (notebook 03b's CLIP variants)."""
     check_methods(methods)
     names = engine.names
     exclude = [target.name] if leave_one_out and target.name in names else []
@@ -84,7 +86,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=MET
         y = target.labels[start:start + cfg.batch_size].long()
         n = len(x)
         masks, ret, seconds = predict_batch(engine, clip, x, text, list(meters), cfg.retrieval, cfg.fusion,
-                                            own=target.name, exclude=exclude)
+                                            own=target.name, exclude=exclude, embedder=embedder)
         for m, mask in masks.items():
             meters[m].update(mask, y)
         for i in range(n):

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from .clip import embed_class_names
+from .clip import embed_class_names, index_embeddings
 from .errors import UsageError
 from .metrics import MIoU
 from .predictor import LibraryModel
@@ -95,16 +95,21 @@ def method_logits(method: str, batch: Batch) -> torch.Tensor | None:
 @torch.no_grad()
 def predict_batch(model: LibraryModel, clip, images: torch.Tensor, text: torch.Tensor, methods: Sequence[str],
                   retrieval: RetrievalConfig = RetrievalConfig(), fusion: str = "cat", own: str | None = None,
-                  exclude: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], Retrieval, dict[str, float]]:
+                  exclude: Sequence[str] = (), embedder: tuple | None = None
+                  ) -> tuple[dict[str, torch.Tensor], Retrieval, dict[str, float]]:
     """Predicted masks (B, H, W) per applicable method for images (B, 3, H, W) (uint8 or float in
     [0, 1]), the batch's retrieval over every library domain but `exclude`, and seconds per stage
-    (embed, retrieve, then each method)."""
+    (embed, retrieve, then each method). `embedder` = (CLIP, centroids in library order) retrieves with
+    another embedding model than the library's."""
     check_methods(methods)
     x = images.float().div(255) if images.dtype == torch.uint8 else images.float()
     t0 = time.perf_counter()
-    emb = model.embed(clip, x)
+    if embedder is None:
+        emb, centroids = model.embed(clip, x), model.library.centroids(model.names)
+    else:
+        emb, centroids = index_embeddings(embedder[0], x, model.library.embedder), embedder[1]
     t1 = time.perf_counter()
-    ret = retrieve(emb, model.library.centroids(model.names), model.names, retrieval, exclude=list(exclude))
+    ret = retrieve(emb, centroids, model.names, retrieval, exclude=list(exclude))
     seconds = {"embed": t1 - t0, "retrieve": time.perf_counter() - t1}
     batch = Batch(model, x, text, ret, own, list(exclude), fusion)
     masks = {}

@@ -366,3 +366,20 @@ def thumbnail_grid(images: list[torch.Tensor], captions: list[str], ncols: int =
         ax.set_title(caption, fontsize=6)
     fig.tight_layout(pad=0.3)
     return fig
+
+
+def vocabulary_bars(effect: pd.DataFrame, title: str = "", figsize=(8, 4)):
+    """Mean IoU change per target class over adapters (a `transfer.vocabulary_effect` table), one bar per
+    class, coloured by whether the adapters' vocabulary has the class's concept."""
+    per = effect.groupby("class", sort=False).agg(change=("change", "mean"), inside=("in_vocabulary", "first"))
+    per = per.sort_values("change")
+    fig, ax = plt.subplots(figsize=figsize)
+    ax.bar(per.index, per["change"], color=["tab:blue" if v else "tab:orange" for v in per["inside"]])
+    ax.axhline(0, color="k", linewidth=0.8)
+    ax.set_ylabel("IoU change (adapter - zero-shot)")
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
+              labels=["in the adapter's vocabulary", "not in it"], fontsize=8)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -51,6 +51,12 @@ def make_lora_ready(visual: nn.Module) -> nn.Module:
     return visual
 
 
+def cost_volume(feats: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every patch with every class name: feats (B, D, h, w) and text (T, D), both
+    L2-normalised -> (B, T, h, w). Its argmax over T is a segmentation before any learned head."""
+    return torch.einsum("bdhw,td->bthw", feats, text)
+
+
 @dataclass
 class HeadConfig:
     guidance_dim: int = 16   # image / text features projected to this many channels per class
@@ -83,7 +89,7 @@ class AggregationHead(nn.Module):
         """feats (B, D, h, w) and text (T, D), both L2-normalised -> logits (B, T, s*h, s*w)."""
         B, D, h, w = feats.shape
         T = text.shape[0]
-        cost = torch.einsum("bdhw,td->bthw", feats, text)                        # (B, T, h, w) cosine
+        cost = cost_volume(feats, text)                                           # (B, T, h, w) cosine
         img_g = self.image_guidance(feats)[:, None].expand(B, T, -1, h, w)       # (B, T, g, h, w)
         txt_g = self.text_guidance(text)[None, :, :, None, None].expand(B, T, -1, h, w)
         x = torch.cat([cost[:, :, None] * self.cost_scale, img_g, txt_g], 2).flatten(0, 1)

@@ -71,6 +71,12 @@ class ClipTrainConfig:
     lr: float = 1e-3
     corpus: int = 16384       # image/caption pairs from random mini-world domains
     seed: int = 0
+    captions: str = "full"    # or "no_conditions": captions without weather, camera and time words (notebook 03b)
+
+    def __post_init__(self):
+        from .world.generate import CAPTION_MODES
+        if self.captions not in CAPTION_MODES:
+            raise UsageError(f"unknown caption mode {self.captions!r}; expected one of {CAPTION_MODES}")
 
 
 def pretrain_clip(clip: Clip, cfg: ClipTrainConfig = ClipTrainConfig(), device=None, progress=True) -> dict:
@@ -78,7 +84,7 @@ def pretrain_clip(clip: Clip, cfg: ClipTrainConfig = ClipTrainConfig(), device=N
     from .world.generate import web_corpus
     device = resolve_device(device) if device is not None else model_device(clip.model)
     gen = seed_everything(cfg.seed)
-    images, captions = web_corpus(cfg.corpus, seed=cfg.seed)
+    images, captions = web_corpus(cfg.corpus, seed=cfg.seed, captions=cfg.captions)
     tokens = clip.tokenizer(captions)
     model = clip.model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.05)

@@ -10,8 +10,12 @@ states the properties that real LoRA libraries have and a stand-in library shoul
   oracle   h-mean of each target's own adapter minus the zero-shot h-mean
   scene    indoor-only targets whose most retrieved domain is street-only (should be none)
 
-Notebook 07 draws the matrix; `semla-lab transfer` writes it. `adapter_transfer` is the same view for one
-adapter folder (notebook 03).
+Per class (`class_ious`, `vocabulary_effect`): the IoU change an adapter brings to each class of a
+target, split by whether the adapter's own domain names that class's concept (the open-vocabulary
+question: does an adapter trained on 9 class names help or hurt the other classes of a 23-class target?).
+
+Notebook 07 draws the matrix and notebook 03b the per-class view; `semla-lab transfer` writes the matrix.
+`adapter_transfer` is the same view for one adapter folder (notebook 03).
 """
 from __future__ import annotations
 
@@ -60,6 +64,41 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
     return {"zero_shot": scores["zero_shot"], "uniform": scores["uniform"], "top1": scores["top1"],
             "adapters": {n: scores[n] for n in names}, "top1_domains": dict(chosen.most_common()),
             "num_images": len(target.images)}
+
+
+@torch.no_grad()
+def class_ious(models: dict, clip, target, batch_size: int = 50) -> pd.DataFrame:
+    """IoU (%) of every class of `target` under each model (name -> segmenter, e.g. the base one and peft
+    models from `lora.load_adapter`): rows = the target's class names, one column per model. NaN where a
+    class is in neither the ground truth nor the prediction."""
+    from .runtime import model_device
+    text = embed_class_names(clip, target.class_names)
+    meters = {k: MIoU(len(target.class_names)) for k in models}
+    for start in range(0, len(target.images), batch_size):
+        x = target.images[start:start + batch_size].float().div(255)
+        y = target.labels[start:start + batch_size].long()
+        for key, model in models.items():
+            device = model_device(model)
+            meters[key].update(model(x.to(device), text.to(device)).argmax(1).cpu(), y)
+    return pd.DataFrame({k: [float("nan") if v is None else v for v in m.compute()["iou"]] for k, m in meters.items()},
+                        index=target.class_names)
+
+
+def vocabulary_effect(ious: pd.DataFrame, target_vocabulary: dict[str, str],
+                      adapter_vocabularies: dict[str, dict[str, str]], base: str = "zero_shot") -> pd.DataFrame:
+    """One row per (adapter, target class) from a `class_ious` table with a `base` column: the class's
+    concept, whether the vocabulary (concept -> name) the adapter was trained on has that concept
+    (`in_vocabulary`) and under the same name (`same_name`), base and adapted IoU and their difference
+    (`change`). Classes with NaN IoU are left out."""
+    rows = []
+    for adapter, vocab in adapter_vocabularies.items():
+        for concept, name in target_vocabulary.items():
+            zs, ad = ious.loc[name, base], ious.loc[name, adapter]
+            if pd.isna(zs) or pd.isna(ad):
+                continue
+            rows.append({"adapter": adapter, "class": name, "concept": concept, "in_vocabulary": concept in vocab,
+                         "same_name": vocab.get(concept) == name, "zero_shot": zs, "adapted": ad, "change": ad - zs})
+    return pd.DataFrame(rows)
 
 
 def summarize_transfer(payload: dict, margin: float = 2.0) -> dict:

@@ -19,8 +19,10 @@ LAYERS = {
                     "clip", "segmenter", "lora"],
     "library": ["library", "fingerprints", "assets", "predictor"],
     "training": ["train"],
-    "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots", "domain_shift", "report_html"],
+    "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots", "domain_shift", "report_html",
+                   "tuning"],
     "pipeline": ["pipeline"],
+    "studies": ["clip_variants"],
     "cli": ["cli", ""],          # "" is semla_lab/__init__.py (its lazy API names modules of every layer)
 }
 LEVEL = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

@@ -94,3 +94,28 @@ def test_benchmark_table_has_domains_as_rows_and_fits_120_columns(bundle):
     assert lines[0].split() == ["zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle"]
     assert [ln.split()[0] for ln in lines[1:3]] == ["acdc_fog", "nyu"]
     assert lines[-1].startswith("gap closed") and lines[-2].startswith("h-mean")
+
+
+def test_class_ious_average_to_the_models_miou(bundle):
+    from semla_lab.experiments import evaluate_model
+    from semla_lab.lora import load_adapter
+    from semla_lab.transfer import class_ious
+    seg, clip, lib = bundle
+    target = load_target("ade", 6)
+    adapted = load_adapter(seg, lib.adapter_path("cityscapes"))
+    ious = class_ious({"zero_shot": seg, "cityscapes": adapted}, clip, target, batch_size=4)
+    assert list(ious.index) == target.class_names and list(ious.columns) == ["zero_shot", "cityscapes"]
+    assert ious["zero_shot"].mean() == pytest.approx(evaluate_model(seg, clip, target), abs=1e-6)   # NaNs skipped
+    assert ious["cityscapes"].mean() == pytest.approx(evaluate_model(adapted, clip, target), abs=1e-6)
+
+
+def test_vocabulary_effect_marks_concepts_the_adapter_was_trained_on():
+    import pandas as pd
+    from semla_lab.transfer import vocabulary_effect
+    ious = pd.DataFrame({"zero_shot": [50.0, 40.0, float("nan")], "a": [55.0, 30.0, 10.0]},
+                        index=["road", "tree", "sofa"])
+    table = vocabulary_effect(ious, {"road": "road", "vegetation": "tree", "sofa": "sofa"},
+                              {"a": {"road": "road", "vegetation": "vegetation"}})
+    assert table["class"].tolist() == ["road", "tree"]                     # sofa: NaN at zero-shot, left out
+    assert table["in_vocabulary"].tolist() == [True, True] and table["same_name"].tolist() == [True, False]
+    assert table["change"].tolist() == [5.0, -10.0]

@@ -27,6 +27,9 @@ SOURCE_DOMAIN = "source"
 # always made IDD retrieve COCONut, the other Indian-style domain, over every street domain (README,
 # "Faithful stand-ins", has the measurements).
 STYLE_MENTION = 0.3
+# What captions say: "full" names the conditions (weather, camera, time of day); "no_conditions" keeps only the
+# scene, the style mention and the objects (the tiny-CLIP ablation of notebook 03b, `semla-lab clip-variants`).
+CAPTION_MODES = ("full", "no_conditions")
 
 
 def _jittered(cv: Canvas, spec: DomainSpec, key: str) -> torch.Tensor:
@@ -49,7 +52,8 @@ def condition_words(cond: dict[str, float]) -> list[str]:
     return [word for word, true in said.items() if true]
 
 
-def _caption(kind: str, concept_map: torch.Tensor, cond: dict[str, float], style: str, rng: random.Random) -> str:
+def _caption(kind: str, concept_map: torch.Tensor, cond: dict[str, float], style: str, rng: random.Random,
+             mode: str = "full") -> str:
     counts = torch.bincount(concept_map.flatten().long(), minlength=256)[: len(CONCEPTS)]
     visible = [CONCEPTS[i] for i in counts.argsort(descending=True).tolist() if counts[i] > 0][:4]
     rng.shuffle(visible)
@@ -57,12 +61,16 @@ def _caption(kind: str, concept_map: torch.Tensor, cond: dict[str, float], style
     when = " at night" if cond["night"] > 0.5 else " at dusk" if cond["dusk"] > 0.3 else ""
     where = f" in a {style} style" if kind != "park" and rng.random() < STYLE_MENTION else ""
     listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
-    return f"a {' '.join(condition_words(cond) + ['photo'])} of a {rng.choice(SCENE_WORDS[kind])}{when}{where} with {listed}."
+    said = condition_words(cond) if mode == "full" else []
+    when = when if mode == "full" else ""
+    return f"a {' '.join(said + ['photo'])} of a {rng.choice(SCENE_WORDS[kind])}{when}{where} with {listed}."
 
 
-def render(spec: DomainSpec, count: int, seed: int, size: int | None = None):
+def render(spec: DomainSpec, count: int, seed: int, size: int | None = None, captions: str = "full"):
     """Render `count` images of a spec from one seed. Returns float images (N, 3, S, S) in [0, 1],
-    concept-id label maps (N, S, S) uint8, and captions."""
+    concept-id label maps (N, S, S) uint8, and captions (see CAPTION_MODES; images do not depend on it)."""
+    if captions not in CAPTION_MODES:
+        raise UsageError(f"unknown caption mode {captions!r}; expected one of {CAPTION_MODES}")
     size = size or spec.size
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -90,8 +98,8 @@ def render(spec: DomainSpec, count: int, seed: int, size: int | None = None):
         labels[idx] = cv.label
         for j, i in enumerate(idx.tolist()):
             conds[i] = {key: float(v[j]) for key, v in f.items()}
-    captions = [_caption(kind_of[i], labels[i], conds[i], spec.style, rng) for i in range(count)]
-    return images, labels, captions
+    texts = [_caption(kind_of[i], labels[i], conds[i], spec.style, rng, captions) for i in range(count)]
+    return images, labels, texts
 
 
 def concept_to_class_lut(spec: DomainSpec) -> torch.Tensor:
@@ -185,14 +193,14 @@ def web_spec(rng: random.Random, index: int) -> DomainSpec:
                           "factors": factors, "seed": index})
 
 
-def web_corpus(count: int, seed: int = 0, per_domain: int = 32, size: int = 64):
-    """`count` image/caption pairs from random domains, `per_domain` images each.
-    Returns uint8 images (N, 3, S, S) and captions."""
+def web_corpus(count: int, seed: int = 0, per_domain: int = 32, size: int = 64, captions: str = "full"):
+    """`count` image/caption pairs from random domains, `per_domain` images each, captioned in mode
+    `captions` (CAPTION_MODES). Returns uint8 images (N, 3, S, S) and captions."""
     rng = random.Random(seed)
-    images, captions = [], []
+    images, texts = [], []
     for i in range(0, count, per_domain):
         spec = web_spec(rng, seed * 100_000 + i)
-        img, _, caps = render(spec, per_domain, spec.seed, size)
+        img, _, caps = render(spec, per_domain, spec.seed, size, captions)
         images.append((img * 255).round().to(torch.uint8))
-        captions += caps
-    return torch.cat(images)[:count], captions[:count]
+        texts += caps
+    return torch.cat(images)[:count], texts[:count]
