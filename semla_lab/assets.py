@@ -220,3 +220,28 @@ def add_domain(library, name: str, data, segmenter: OVSegmenter, clip: Clip, cfg
                     metadata={"dataset": data.spec.dataset, "plays": data.spec.plays,
                               "factors": data.spec.factors, "scene": data.spec.scene})
     return info
+
+
+def fit_domain_profiles(library, clip: Clip, kinds=("kmeans:4", "gmm:4"), domains: list[str] | None = None,
+                        quantile: float = 0.95, progress=True) -> dict:
+    """Fit and store the profiles (profiles.py) of library domains from their regenerated training splits,
+    embedded as their centroids were. A domain whose images do not give back its library centroid (another
+    CLIP, or no mini-world domain of that name) is refused. Returns {name: DomainProfile}."""
+    from tqdm.auto import tqdm
+    from .errors import UsageError
+    from .profiles import fit_profile, parse_index
+    from .world.generate import get_domain
+    for kind in kinds:
+        parse_index(kind)
+    fitted = {}
+    for name in tqdm(domains or library.names(), desc="profiles", disable=not progress):
+        centroid = library.get(name).centroid
+        data = generate(get_domain(name), "train")
+        emb = embed_images(clip, data.images, normalize=library.embedder.get("normalize", True))
+        gap = float((emb.mean(0) - centroid).norm())
+        if gap > 1e-3:
+            raise UsageError(f"domain {name!r}: its regenerated training images lie {gap:.3g} from the library "
+                             "centroid; the library was built from other data or with another CLIP")
+        fitted[name] = fit_profile(emb, centroid, kinds, quantile, embed_class_names(clip, data.class_names))
+    library.set_profiles(fitted)
+    return fitted

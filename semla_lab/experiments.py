@@ -7,6 +7,9 @@ Methods (leave-one-out: the target's own adapter is excluded from every method b
   semla          per-image top-K retrieval, softmax(1/d / tau) weights, weight-level fusion
   semla_late     the same adapters and weights, mixing output probabilities instead
   uniform_late   all other adapters, equal weights, output-level
+  semla+<opts>   SemLA with the options beyond the paper that the config turns on (index kmeans:P / gmm:P,
+                 coverage fallback, text weight; retrieval.py), e.g. semla+kmeans:4+coverage1+text0.3;
+                 added next to `semla` when any option is on (notebook 10)
 Notebooks 06 and 07 present the results.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .data import atomic_write_bytes, atomic_write_json
 from .errors import UnknownNameError, UsageError
 from .metrics import MIoU, harmonic_mean, paired_bootstrap
 from .predictor import LibraryModel
-from .retrieval import RetrievalConfig, retrieve
+from .retrieval import DomainIndex, RetrievalConfig
 from .runtime import model_device
 
 METHODS = ("zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle")
@@ -44,9 +47,13 @@ class EvalConfig:
     batch_size: int = 50
     max_images: int | None = None  # per target domain; None = the whole test split
     image_size: int | None = None  # resize dataset-folder and real targets to this size
+    index: str = "centroid"        # beyond the paper (retrieval.py): "kmeans:P" / "gmm:P" prototypes,
+    fallback: str = "none"         # "coverage": the base model as a null adapter outside coverage,
+    fallback_strength: float = 1.0  # its beta,
+    text_weight: float = 0.0       # lambda of text-aware retrieval
 
     def __post_init__(self):
-        RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
+        self.retrieval   # validates
         if self.fusion not in FUSIONS:
             raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
         if self.batch_size < 1:
@@ -54,7 +61,25 @@ class EvalConfig:
 
     @property
     def retrieval(self) -> RetrievalConfig:
+        return RetrievalConfig(self.k, self.tau, self.metric, self.weighting, self.index, self.fallback,
+                               self.fallback_strength, self.text_weight)
+
+    @property
+    def paper_retrieval(self) -> RetrievalConfig:
+        """The config's retrieval without the options beyond the paper (method `semla`)."""
         return RetrievalConfig(self.k, self.tau, self.metric, self.weighting)
+
+    @property
+    def extra_method(self) -> str | None:
+        """The method name of SemLA with this config's options beyond the paper, None if none is on."""
+        return None if self.retrieval.is_paper else self.retrieval.label
+
+
+def check_methods(methods, cfg: EvalConfig) -> None:
+    """UsageError naming methods that are neither in METHODS nor the config's extra method."""
+    unknown = set(methods) - set(METHODS) - {cfg.extra_method}
+    if unknown:
+        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
 
 
 @dataclass
@@ -149,7 +174,8 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
               for m in methods if m != "oracle" or in_library}
     records = []
-    centroids = engine.library.centroids(names)
+    index = DomainIndex.from_library(engine.library, names)
+    extra = cfg.extra_method if cfg.extra_method in meters else None
     for start in range(0, len(target.images), cfg.batch_size):
         x = target.images[start:start + cfg.batch_size].float().div(255)
         y = target.labels[start:start + cfg.batch_size].long()
@@ -157,8 +183,9 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
         t0 = time.perf_counter()
         emb = embed_images(clip, x, normalize=normalize)
         t1 = time.perf_counter()
-        ret = retrieve(emb, centroids, names, cfg.retrieval, exclude=exclude)
+        ret = index.search(emb, cfg.paper_retrieval, exclude=exclude)
         t2 = time.perf_counter()
+        beyond = index.search(emb, cfg.retrieval, exclude, class_text=text) if extra else None
         all_idx = others.expand(n, -1)
         all_w = torch.full(all_idx.shape, 1.0 / len(others))
         timings = {}
@@ -176,6 +203,8 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
                 out = engine.late_logits(x, text, ret.indices, ret.weights)
             elif m == "uniform_late":
                 out = engine.late_logits(x, text, all_idx, all_w)
+            elif m == extra:
+                out = engine.logits(x, text, beyond.indices, beyond.weights, cfg.fusion)
             else:
                 raise UsageError(f"unknown method {m!r}; expected some of {METHODS}")
             meters[m].update(out.argmax(1).cpu(), y)
@@ -186,6 +215,8 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=ME
                 "distances": {d: round(float(v), 5) for d, v in zip(names, ret.distances[i])},
                 "chosen": [names[j] for j in ret.indices[i].tolist()],
                 "weights": [round(float(w), 5) for w in ret.weights[i]],
+                **({extra: {"chosen": [names[j] for j in beyond.indices[i].tolist()],
+                            "weights": [round(float(w), 5) for w in beyond.weights[i]]}} if extra else {}),
                 "ms": {"embed": 1000 * (t1 - t0) / n, "retrieve": 1000 * (t2 - t1) / n,
                        **{f"predict_{m}": 1000 * t / n for m, t in timings.items()}},
             })
@@ -226,7 +257,7 @@ def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -
     """results.json body: per method, per-domain mIoU, mean, harmonic mean, image counts."""
     methods = {m for scores in per_domain.values() for m in scores}
     out = {}
-    for m in [m for m in METHODS if m in methods]:
+    for m in [m for m in METHODS if m in methods] + sorted(methods - set(METHODS)):
         scores = {d: round(s[m], 2) for d, s in per_domain.items() if m in s}
         values = list(scores.values())
         out[m] = {"per_domain": scores, "mean": round(sum(values) / len(values), 2),
@@ -266,9 +297,9 @@ def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=ME
                   progress: bool = True) -> dict:
     """Leave-one-out evaluation of `methods` on `targets`; writes results.json and selections.jsonl
     to `out_dir` when given. Returns the results dict."""
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
+    check_methods(methods, cfg)
+    if cfg.extra_method and "semla" in methods and cfg.extra_method not in methods:
+        methods = [*methods, cfg.extra_method]
     engine = LibraryModel(segmenter, library, device)
     per_domain, counts, records, confusions = {}, {}, [], {}
     for name in tqdm(targets, desc="targets", disable=not progress):
@@ -311,12 +342,13 @@ def run_ablation(segmenter, clip: Clip, library, targets: list[str], configs: li
     loaded = {}
     for cfg in tqdm(configs, desc="ablation", disable=not progress):
         per_domain = {}
+        run = [cfg.extra_method if m == "semla" and cfg.extra_method else m for m in methods]   # semla: with options
         for name in targets:
             key = (name, cfg.max_images, cfg.image_size)
             loaded.setdefault(key, load_target(name, cfg.max_images, cfg.image_size))
-            per_domain[name], _ = evaluate_target(engine, clip, loaded[key], methods, cfg)
+            per_domain[name], _ = evaluate_target(engine, clip, loaded[key], run, cfg)
         knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images", "image_size")}
-        for m in methods:
+        for m in run:
             scores = [per_domain[d][m] for d in targets if m in per_domain[d]]
             rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),
                          "mean": round(sum(scores) / len(scores), 2)})
@@ -335,7 +367,8 @@ def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
     """Mean and spread over runs (e.g. adapter training seeds) of each method's h-mean and mean mIoU,
     plus the number of target domains where SemLA beats uniform."""
     rows = []
-    for m in METHODS:
+    extra = sorted({m for p in payloads for m in p["results"]} - set(METHODS))
+    for m in [*METHODS, *extra]:
         runs = [p["results"][m] for p in payloads if m in p["results"]]
         if not runs:
             continue

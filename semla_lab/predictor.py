@@ -21,7 +21,7 @@ from .data import read_image
 from .fusion import FusedAdapters
 from .errors import UsageError
 from .library import lora_scaling
-from .retrieval import Retrieval, RetrievalConfig, retrieve
+from .retrieval import DomainIndex, Retrieval, RetrievalConfig
 from .runtime import resolve_device
 
 
@@ -48,13 +48,17 @@ class LibraryModel:
 
     @torch.no_grad()
     def late_logits(self, images: torch.Tensor, text: torch.Tensor, indices: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
-        """Late fusion: one forward per selected adapter, probabilities mixed with the weights.
+                    weights: torch.Tensor, base_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Late fusion: one forward per selected adapter, probabilities mixed with the weights (and the base
+        model's with `base_weights` (B,), the coverage fallback's null adapter).
         Returns log-probabilities (B, T, H, W), so argmax works as for logits."""
         probs = 0
         for k in range(indices.shape[1]):
             out = self.logits(images, text, indices[:, k:k + 1], torch.ones_like(weights[:, k:k + 1]))
             probs = probs + weights[:, k].to(out).view(-1, 1, 1, 1) * out.softmax(1)
+        if base_weights is not None:
+            out = self.logits(images, text)
+            probs = probs + base_weights.to(out).view(-1, 1, 1, 1) * out.softmax(1)
         return probs.clamp_min(1e-12).log()
 
 
@@ -90,7 +94,10 @@ class SemLAPredictor:
         self.clip, self.library, self.config, self.fusion = clip, library, config, fusion
         self.model = LibraryModel(segmenter, library, device)
         self.normalize = library.embedder.get("normalize", True)
+        self.index = DomainIndex.from_library(library, self.model.names)
         self._image: torch.Tensor | None = None
+        self._embedding: torch.Tensor | None = None
+        self._exclude: list[str] = []
         self.retrieval: Retrieval | None = None
 
     @classmethod
@@ -104,12 +111,15 @@ class SemLAPredictor:
         library = AdapterLibrary(library_dir or assets_dir() / "library")
         return cls(load_segmenter(clip=clip, device=kwargs.get("device")), clip, library, **kwargs)
 
-    def set_image(self, image, exclude=()) -> Retrieval:
-        """Embed and retrieve once for this image; `exclude` leaves named domains out (leave-one-out)."""
+    def set_image(self, image, exclude=()) -> Retrieval | None:
+        """Embed and retrieve once for this image; `exclude` leaves named domains out (leave-one-out).
+        With text-aware retrieval (config.text_weight > 0) retrieval waits for the class names of predict()
+        and this returns None."""
         self._image = as_image_tensor(image)
-        embedding = embed_images(self.clip, self._image[None], normalize=self.normalize)
-        self.retrieval = retrieve(embedding, self.library.centroids(self.model.names), self.model.names,
-                                  self.config, exclude=exclude)
+        self._embedding = embed_images(self.clip, self._image[None], normalize=self.normalize)
+        self._exclude = [exclude] if isinstance(exclude, str) else list(exclude)
+        self.retrieval = None if self.config.text_weight > 0 else \
+            self.index.search(self._embedding, self.config, self._exclude)
         return self.retrieval
 
     @property
@@ -128,6 +138,8 @@ class SemLAPredictor:
         text = embed_class_names(self.clip, class_names)
         if not adapt:
             return self.model.logits(self._image[None], text)[0].cpu()
+        if self.config.text_weight > 0:
+            self.retrieval = self.index.search(self._embedding, self.config, self._exclude, class_text=text)
         return self.model.logits(self._image[None], text, self.retrieval.indices, self.retrieval.weights,
                                  self.fusion)[0].cpu()
 
@@ -136,6 +148,11 @@ class SemLAPredictor:
         return self.logits(class_names, adapt).argmax(0)
 
     def explain(self) -> list[tuple[str, float, float]]:
-        """The chosen domains with their distances and weights, nearest first."""
+        """The chosen domains with their distances and weights, nearest first; with the coverage fallback,
+        then ("base model", nan, its weight)."""
         self._require_image()
-        return self.retrieval.chosen(0)
+        if self.retrieval is None:
+            raise RuntimeError("text-aware retrieval waits for the class names: call predict() before explain()")
+        base = [] if self.retrieval.base_weights is None else \
+            [("base model", float("nan"), float(self.retrieval.base_weights[0]))]
+        return self.retrieval.chosen(0) + base
