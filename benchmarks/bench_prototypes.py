@@ -12,7 +12,8 @@ gives wall and CPU medians, and the target is judged on the CPU median with the 
 """
 from __future__ import annotations
 
-from common import fmt_s, fmt_x, measure_interleaved, paired_ratio, parser, payload, setup, table, target_lines, write_json
+from common import (fmt_s, fmt_x, measure_interleaved, paired_ratio, parser, payload, setup, table, target_lines,
+                    write_json)
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +39,8 @@ def synthetic_index(n: int, seed: int = 0) -> DomainIndex:
     gmm = {"variances": torch.full((P, D), 0.01), "log_weights": torch.full((P,), -torch.log(torch.tensor(P)).item()),
            "scale2": torch.tensor([0.01]), "nll_floor": torch.tensor([-150.0])}
     names = [f"domain{i:05d}" for i in range(n)]
-    profiles = {name: DomainProfile(centroids[i], 100, {"kmeans:4": {"means": means[i]}, "gmm:4": {"means": means[i], **gmm}},
+    profiles = {name: DomainProfile(centroids[i], 100,
+                                    {"kmeans:4": {"means": means[i]}, "gmm:4": {"means": means[i], **gmm}},
                                     {"centroid": 0.5, "kmeans:4": 0.4, "gmm:4": 0.4}, vocab[i])
                 for i, name in enumerate(names)}
     return DomainIndex(centroids, names, profiles)
@@ -62,7 +64,8 @@ def measure_size(n: int, device: torch.device, reps: int) -> list[dict]:
     rows = []
     for batch, q in (("1 query", q1), ("batch of 64", qb)):
         fns = {"centroid (paper, CentroidIndex)": lambda q=q: paper.search(q, RetrievalConfig(k=K))}
-        fns.update({name: (lambda q=q, cfg=cfg: index.search(q, cfg, class_text=text)) for name, cfg in CONFIGS.items()})
+        fns.update({name: (lambda q=q, cfg=cfg: index.search(q, cfg, class_text=text))
+                    for name, cfg in CONFIGS.items()})
         times = measure_interleaved(fns, device, reps)
         base = times["centroid (paper, CentroidIndex)"]
         for name, t in times.items():
@@ -81,7 +84,8 @@ def main(argv=None) -> dict:
     print(f"DomainIndex.search on {device} ({torch.get_num_threads()} torch thread(s)), P={P}, D={D}, K={K}; "
           "medians per query after warm-up, runs interleaved.\n")
     rows = [r for n in sizes for r in measure_size(n, device, reps)]
-    print(table(rows, [("n_domains", "domains", lambda v: f"{v:,}"), ("queries", "queries", None), ("index", "index", None),
+    print(table(rows, [("n_domains", "domains", lambda v: f"{v:,}"), ("queries", "queries", None),
+                       ("index", "index", None),
                        ("wall_s", "wall / query", fmt_s), ("cpu_s", "CPU / query", fmt_s),
                        ("cpu_ratio_to_centroid", "CPU x centroid", fmt_x),
                        ("same_as_exhaustive", "top-K = exhaustive", None)],

@@ -42,7 +42,8 @@ def retrieval_properties(index: DomainIndex, embedded: dict, single: dict[str, d
         hits.append((top == own).float())
         loo = index.search(emb, replace(config, k=1, fallback="none"), exclude=[name], class_text=text)
         others = {a: s for a, s in single[name].items() if a != name}
-        regrets[name] = max(others.values()) - sum(others[index.names[i]] for i in loo.indices[:, 0].tolist()) / len(emb)
+        retrieved = [others[index.names[i]] for i in loo.indices[:, 0].tolist()]
+        regrets[name] = max(others.values()) - sum(retrieved) / len(emb)
         radius = index.radii(config.index)[own]
         inside.append((index.image_distances(emb, config)[:, own] <= radius).float())
         if config.fallback == "coverage":
@@ -62,8 +63,7 @@ def evaluate_variants(engine: LibraryModel, clip, targets: list[Target], variant
     base_cfg = next(iter(variants.values()))
     per_domain = {}
     for t in tqdm(targets, desc="targets", disable=not progress):
-        methods = ["zero_shot", "uniform", "semla"] + (["oracle"] if t.name in engine.names else [])
-        scores, _ = evaluate_target(engine, clip, t, methods, replace(base_cfg, **_paper()))
+        scores, _ = evaluate_target(engine, clip, t, ["zero_shot", "uniform", "semla"], replace(base_cfg, **_paper()))
         for label, cfg in variants.items():
             extra, _ = evaluate_target(engine, clip, t, [cfg.extra_method], cfg)
             scores[label] = extra[cfg.extra_method]
@@ -123,7 +123,7 @@ def beyond_table(payload: dict, split: str) -> "pd.DataFrame":
 def deltas(payload: dict, split: str, over: str = "semla") -> "pd.DataFrame":
     """Per-domain mIoU of every variant minus `over` (seed means): which domains each idea moves."""
     table = beyond_table(payload, split).drop(columns=["h-mean", "h-mean min", "h-mean max"])
-    return table.drop(index=[m for m in ("zero_shot", "uniform", "oracle", over) if m in table.index]) - table.loc[over]
+    return table.drop(index=[m for m in ("zero_shot", "uniform", over) if m in table.index]) - table.loc[over]
 
 
 def worst_below_zero_shot(payload: dict, split: str, method: str) -> tuple[str, float]:

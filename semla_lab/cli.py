@@ -313,7 +313,8 @@ def cmd_beyond(args):
     payload = study(load_segmenter(clip=clip, device=args.device), clip, libraries, args.targets or target_domains(),
                     heldout, variants, args.max_images, args.out, device=args.device, progress=not args.quiet)
     for split in ("loo", "heldout"):
-        print(f"\n{split} (mean over {len(libraries)} libraries):\n" + beyond_table(payload, split).round(1).T.to_string())
+        table = beyond_table(payload, split).round(1).T.to_string()
+        print(f"\n{split} (mean over {len(libraries)} libraries):\n{table}")
     if args.out:
         print(f"\nwrote {args.out}")
 

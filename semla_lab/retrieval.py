@@ -399,8 +399,9 @@ class DomainIndex:
         else:
             d_image = self._approx(q, config.index)
         dist = mix(d_image, text)
-        scores = dist.clone()
+        scores = dist
         if excluded:
+            scores = dist.clone()
             scores[:, [self.names.index(n) for n in excluded]] = float("inf")
         if config.index == "centroid":
             exact_image, exact = d_image, scores

@@ -15,15 +15,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOP = {"benchmark", "env", "quick", "rows", "targets"}
 EXTRA = {"adaptation": {"embedder", "fusion", "profile", "candidates"}, "hetero_batch": {"notes"},
-         "embedding": set(), "retrieval": {"breakdown", "library_open"}}
+         "embedding": set(), "retrieval": {"breakdown", "library_open"}, "prototypes": {"k", "prototypes", "dim"}}
 ROW = {"adaptation": {"model", "batch", "measured", "median_s", "per_image_s", "ratio_to_base", "how"},
        "hetero_batch": {"model", "n", "method", "total_s", "per_image_s", "images_per_s", "fused_batch_speedup",
                         "max_abs_diff"},
        "embedding": {"model", "image_size", "n_images", "mode", "total_s", "images_per_s",
                      "speedup_vs_one_per_call"},
        "retrieval": {"n_centroids", "dim", "single_query_s", "batch64_per_query_s", "proposed_single_query_s",
-                     "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"}}
-TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s"}
+                     "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"},
+       "prototypes": {"n_domains", "queries", "index", "wall_s", "cpu_s", "cpu_ratio_to_centroid",
+                      "same_as_exhaustive"}}
+TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s",
+        "prototypes": "cpu_s"}
 
 
 @pytest.mark.slow
@@ -47,6 +50,8 @@ def test_run_all_quick_writes_every_json(tmp_path):
     hetero = json.loads((tmp_path / "hetero_batch.json").read_text())["rows"]
     assert all(r["max_abs_diff"] is None or r["max_abs_diff"] < 1e-3 for r in hetero), \
         "one fused batch must give what one image at a time and the official peft path give"
+    prototypes = json.loads((tmp_path / "prototypes.json").read_text())["rows"]
+    assert all(r["same_as_exhaustive"] is not False for r in prototypes), "search must find the exhaustive top-K"
     adaptation = json.loads((tmp_path / "adaptation.json").read_text())
     assert {t["name"] for t in adaptation["targets"]} >= {"fusion step tiny batch 1", "fusion step tiny batch 16"}
 

@@ -104,7 +104,8 @@ def test_coverage_radius_is_the_quantile_of_own_distances():
 def test_vocabulary_embedding_is_the_normalised_mean():
     t = torch.randn(5, D)
     v = vocabulary_embedding(t)
-    assert torch.allclose(v, F.normalize(F.normalize(t, dim=-1).mean(0), dim=0)) and math.isclose(v.norm(), 1, rel_tol=1e-6)
+    assert torch.allclose(v, F.normalize(F.normalize(t, dim=-1).mean(0), dim=0))
+    assert math.isclose(v.norm(), 1, rel_tol=1e-6)
 
 
 # ---- storage ----------------------------------------------------------------------------------------------
@@ -257,3 +258,34 @@ def test_library_copy_opens_with_profiles(profiled, tmp_path):
     lib, _, _ = profiled
     shutil.copytree(lib.root, tmp_path / "copy")
     assert list(AdapterLibrary(tmp_path / "copy").profiles()) == ["a", "b", "c"]
+
+
+def test_search_finds_the_exhaustive_top_k_on_a_large_library():
+    """The GEMM preselection + exact re-measure equals sorting exact distances to every domain."""
+    from semla_lab.profiles import DomainProfile
+    from semla_lab.retrieval import top_k
+    g = torch.Generator().manual_seed(3)
+    n, p = 2000, 4
+    means = F.normalize(torch.randn(n, p, D, generator=g), dim=-1)
+    var = 0.005 + 0.02 * torch.rand(n, p, D, generator=g)
+    logw = torch.log_softmax(torch.randn(n, p, generator=g), -1)
+    names = [f"d{i}" for i in range(n)]
+    profiles = {}
+    for i, name in enumerate(names):
+        gmm = {"means": means[i], "variances": var[i], "log_weights": logw[i], "scale2": var[i].mean().reshape(1),
+               "nll_floor": torch.tensor([-100.0])}
+        profiles[name] = DomainProfile(means[i].mean(0), 10, {"kmeans:4": {"means": means[i]}, "gmm:4": gmm},
+                                       {"centroid": 1.0, "kmeans:4": 0.5, "gmm:4": 0.5}, means[i, 0])
+    index = DomainIndex(means.mean(1), names, profiles)
+    q = F.normalize(torch.randn(16, D, generator=g), dim=-1)
+    text = torch.randn(3, D, generator=g)
+    for cfg in (RetrievalConfig(k=5, index="kmeans:4"), RetrievalConfig(k=5, index="gmm:4"),
+                RetrievalConfig(k=3, index="kmeans:4", text_weight=0.4, fallback="coverage")):
+        exact = index.image_distances(q, cfg)
+        if cfg.text_weight:
+            exact = (1 - cfg.text_weight) * exact + cfg.text_weight * index.text_distances(text)
+        r = index.search(q, cfg, exclude=["d0", "d5"], class_text=text)
+        exact[:, [0, 5]] = float("inf")
+        values, indices = top_k(exact, cfg.k)
+        assert torch.equal(r.indices, indices)
+        assert torch.allclose(r.distances.gather(1, r.indices), values, rtol=1e-5)
