@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("adaptation", "hetero_batch", "embedding", "retrieval", "ray", "analyze")
+BENCHMARKS = ("adaptation", "hetero_batch", "embedding", "retrieval", "prototypes", "ray", "analyze")
 
 
 def main(argv=None) -> int:

@@ -12,6 +12,8 @@
   semla-lab analyze     domain shift of your own images against a library: report.html, images.csv, figures
   semla-lab segment     one image's mask at its own resolution, an overlay PNG with a legend, the chosen domains
   semla-lab clip-variants   retrieval with an untrained tiny CLIP and one trained without condition words
+  semla-lab add-prototypes   fit prototypes, coverage radii and vocabulary embeddings into a library
+  semla-lab beyond      the options beyond the paper, leave-one-out and held-out, over adapter seeds
 Adapter training and target evaluation run as Ray tasks with --ray (build, build-library, add-domain,
 evaluate, ablate; see engine.py).
 Bad arguments, paths or files (errors.SemlaError) print one line `semla-lab: error: ...` and exit with
@@ -157,15 +159,22 @@ def _eval_config(args, **over):
     from .experiments import EvalConfig
     return EvalConfig(**{"k": args.k, "tau": args.tau, "metric": args.metric, "weighting": args.weighting,
                          "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images,
-                         "image_size": args.image_size, **over})
+                         "image_size": args.image_size, **_beyond_options(args), **over})
+
+
+def _beyond_options(args) -> dict:
+    """The retrieval options beyond the paper (notebook 10) as EvalConfig fields."""
+    return {"index": args.index, "fallback": args.fallback, "fallback_strength": args.fallback_strength,
+            "text_weight": args.text_weight}
 
 
 def cmd_evaluate(args):
-    from .experiments import format_intervals, format_table
-    from .methods import METHODS, check_methods
+    from .experiments import config_methods, format_intervals, format_table
+    from .methods import METHODS
     from .pipeline import evaluate, library_model, load_models
     from .world.generate import target_domains
-    cfg, methods = _eval_config(args), check_methods(args.methods or METHODS)
+    cfg = _eval_config(args)
+    methods = config_methods(args.methods or METHODS, cfg)
     models = _models(args, _library(args))
     load_models(models), library_model(models)          # a mismatched CLIP or library fails here, before any job
     with _engine(args) as engine:
@@ -186,7 +195,8 @@ def cmd_ablate(args):
     from .pipeline import ablate, library_model, load_models
     from .world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
-                         max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size])
+                         max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size],
+                         **_beyond_options(args))
     models = _models(args, _library(args))
     load_models(models), library_model(models)
     with _engine(args) as engine:
@@ -390,6 +400,66 @@ def _own_images_options(q):
     q.add_argument("--batch-size", type=int, default=32, help="images per embedding / segmentation batch")
 
 
+def cmd_add_prototypes(args):
+    """Regenerate each domain's training split, embed it with the library's CLIP, and store its profile."""
+    from .clip import check_embedder, load_clip
+    from .library import AdapterLibrary
+    from .pipeline import fit_domain_profiles
+    library = AdapterLibrary(args.library)
+    emb = library.embedder
+    clip = load_clip(args.clip or emb.get("model", "semla-tiny-clip"), pretrained=args.pretrained,
+                     checkpoint=args.checkpoint, device=args.device)
+    check_embedder(clip, emb, f"library {library.root}")
+    fitted = fit_domain_profiles(library, clip, args.index, args.domains, args.quantile, progress=not args.quiet)
+    for name, prof in fitted.items():
+        radii = ", ".join(f"{k} {v:.3f}" for k, v in prof.coverage.items())
+        print(f"{name:18s} {prof.num_images} images; coverage radius: {radii}")
+    print(f"stored profiles of {len(fitted)} domains in {library.root}")
+
+
+def _variant(text: str) -> dict:
+    """'index=kmeans:4,fallback=coverage,fallback_strength=2' -> EvalConfig fields."""
+    fields = {"index": str, "fallback": str, "fallback_strength": float, "text_weight": float}
+    out = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key not in fields or not value:
+            raise UsageError(f"bad variant part {part!r}; use comma-separated key=value with keys {list(fields)}")
+        try:
+            out[key] = fields[key](value)
+        except ValueError:
+            raise UsageError(f"bad value in variant part {part!r}") from None
+    return out
+
+
+def cmd_beyond(args):
+    """Every variant leave-one-out and on the held-out domains, for each library (adapter seed)."""
+    from .assets import load_segmenter
+    from .beyond import beyond_table, study
+    from .clip import load_clip
+    from .experiments import EvalConfig
+    from .library import AdapterLibrary
+    from .manifests import manifests_dir
+    from .world.generate import target_domains
+    libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
+    variants = {}
+    for text in args.variant:
+        cfg = EvalConfig(**_variant(text))
+        if cfg.extra_method is None:
+            raise UsageError(f"variant {text!r} turns no option beyond the paper on")
+        variants[cfg.extra_method] = cfg
+    heldout = args.heldout if args.heldout is not None else sorted(str(p) for p in
+                                                                   (manifests_dir() / "heldout").glob("*.yaml"))
+    clip = load_clip(device=args.device)
+    payload = study(load_segmenter(clip=clip, device=args.device), clip, libraries, args.targets or target_domains(),
+                    heldout, variants, args.max_images, args.out, device=args.device, progress=not args.quiet)
+    for split in ("loo", "heldout"):
+        table = beyond_table(payload, split).round(1).T.to_string()
+        print(f"\n{split} (mean over {len(libraries)} libraries):\n{table}")
+    if args.out:
+        print(f"\nwrote {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -431,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--metric", type=many(str), default=["euclidean"] if multi else "euclidean")
         q.add_argument("--weighting", type=many(str), default=["softmax"] if multi else "softmax")
         q.add_argument("--fusion", type=many(str), default=["cat"] if multi else "cat")
+        q.add_argument("--index", type=many(str), default=["centroid"] if multi else "centroid",
+                       help="domain index: centroid (paper), kmeans:P or gmm:P (needs `add-prototypes`)")
+        q.add_argument("--fallback", type=many(str), default=["none"] if multi else "none",
+                       help="none (paper) or coverage: the base model as a null adapter outside coverage")
+        q.add_argument("--fallback-strength", type=many(float), default=[1.0] if multi else 1.0,
+                       help="beta of the coverage fallback: w_k * exp(-beta * max(0, d_k / r_k - 1))")
+        q.add_argument("--text-weight", type=many(float), default=[0.0] if multi else 0.0,
+                       help="lambda in [0, 1]: share of the class-name text distance (0 = paper)")
         q.add_argument("--max-images", type=int, help="test images per target (default: all)")
         q.add_argument("--batch-size", type=int, default=50)
         q.add_argument("--out", help="output folder")
@@ -514,6 +592,27 @@ def build_parser() -> argparse.ArgumentParser:
     ad.add_argument("--domain", required=True, nargs="+",
                     help="shipped domain names, spec .yaml files, dataset folders or real:<domain>")
     ad.set_defaults(func=cmd_add_domain)
+    pr = sub.add_parser("add-prototypes", help="fit prototypes, coverage radii and vocabulary embeddings of a "
+                        "library's domains from their training data (mini-world domains are regenerated)")
+    pr.add_argument("--library", required=True)
+    pr.add_argument("--index", type=_csv(str), default=["kmeans:4", "gmm:4"], help="kinds, e.g. kmeans:4,gmm:4")
+    pr.add_argument("--domains", nargs="*", help="default: every library domain")
+    pr.add_argument("--quantile", type=float, default=0.95, help="coverage radius quantile of own-image distances")
+    pr.add_argument("--clip", help="open_clip model name (default: the library's embedding model)")
+    pr.add_argument("--pretrained", help="open_clip pretrained tag")
+    pr.add_argument("--checkpoint", help="local CLIP weights")
+    pr.set_defaults(func=cmd_add_prototypes)
+
+    bb = sub.add_parser("beyond", help="variants beyond the paper, leave-one-out and held-out, over adapter seeds")
+    bb.add_argument("--libraries", nargs="+", required=True, help="one library per adapter seed")
+    bb.add_argument("--variant", action="append", required=True,
+                    help="options of one variant, e.g. index=kmeans:4,fallback=coverage,fallback_strength=2 (repeat)")
+    bb.add_argument("--targets", nargs="*", help="leave-one-out targets (default: every shipped target domain)")
+    bb.add_argument("--heldout", nargs="*", help="held-out targets (default: data_manifests/heldout/*.yaml)")
+    bb.add_argument("--max-images", type=int, help="test images per target (default: all)")
+    bb.add_argument("--out", help="write the JSON here (e.g. semla_lab/assets/benchmark/beyond.json)")
+    bb.set_defaults(func=cmd_beyond)
+
     for q in (t, bl, ad):
         if q is not ad:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")

@@ -2,7 +2,8 @@
 
 The methods compared (zero-shot, uniform, SemLA, late fusion, oracle) live in methods.py; leave-one-out
 excludes the target's own adapter from every method but the oracle. Targets are data sources
-(sources.py). Notebooks 06 and 07 present the results.
+(sources.py). A config with options beyond the paper (index, fallback, text weight) adds the method
+`semla+<opts>` next to `semla` (methods.py; notebook 10). Notebooks 06 and 07 present the results.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from .clip import Clip, embed_class_names
 from .data import atomic_write_bytes, atomic_write_json
 from .errors import UsageError
 from .fusion import FUSION_TYPES
-from .methods import METHODS, check_methods, predict_batch
+from .methods import METHODS, check_methods, is_beyond, predict_batch
 from .metrics import MIoU, harmonic_mean, paired_bootstrap
 from .predictor import LibraryModel
-from .retrieval import RetrievalConfig
+from .retrieval import DomainIndex, RetrievalConfig
 from .runtime import model_device
 from .sources import load_target
 from .split import Split
@@ -39,9 +40,13 @@ class EvalConfig:
     batch_size: int = 50
     max_images: int | None = None  # per target domain; None = the whole test split
     image_size: int | None = None  # resize dataset-folder and real targets to this size
+    index: str = "centroid"        # beyond the paper (retrieval.py): "kmeans:P" / "gmm:P" prototypes,
+    fallback: str = "none"         # "coverage": the base model as a null adapter outside coverage,
+    fallback_strength: float = 1.0  # its beta,
+    text_weight: float = 0.0       # lambda of text-aware retrieval
 
     def __post_init__(self):
-        RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
+        self.retrieval   # validates
         if self.fusion not in FUSION_TYPES:
             raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_TYPES}")
         if self.batch_size < 1:
@@ -49,7 +54,31 @@ class EvalConfig:
 
     @property
     def retrieval(self) -> RetrievalConfig:
+        return RetrievalConfig(self.k, self.tau, self.metric, self.weighting, self.index, self.fallback,
+                               self.fallback_strength, self.text_weight)
+
+    @property
+    def paper_retrieval(self) -> RetrievalConfig:
+        """The config's retrieval without the options beyond the paper (method `semla`)."""
         return RetrievalConfig(self.k, self.tau, self.metric, self.weighting)
+
+    @property
+    def extra_method(self) -> str | None:
+        """The method name of SemLA with this config's options beyond the paper, None if none is on."""
+        return None if self.retrieval.is_paper else self.retrieval.label
+
+
+def config_methods(methods, cfg: EvalConfig, replace_semla: bool = False) -> list[str]:
+    """`methods` checked against the registry and `cfg`, with SemLA under the config's options beyond the
+    paper added next to `semla` (or in its place with `replace_semla`, as ablations do) when any is on."""
+    methods = check_methods(methods)
+    wrong = [m for m in methods if is_beyond(m) and m != cfg.extra_method]
+    if wrong:
+        raise UsageError(f"method(s) {wrong} do not match the config's options (its method: {cfg.extra_method})")
+    if cfg.extra_method and "semla" in methods and cfg.extra_method not in methods:
+        at = methods.index("semla")
+        methods = methods[:at + (not replace_semla)] + [cfg.extra_method] + methods[at + 1:]
+    return methods
 
 
 @torch.no_grad()
@@ -74,19 +103,24 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=MET
     method's per-image confusion matrices (N, C, C) for the bootstrap. `embedder` = (CLIP, centroids (L, D)
     in library order) retrieves with another embedding model than `clip`, which still embeds the class
     names for the segmenter (notebook 03b's CLIP variants)."""
-    check_methods(methods)
+    methods = config_methods(methods, EvalConfig() if cfg.extra_method is None else cfg) if any(
+        is_beyond(m) for m in methods) else check_methods(methods)
     names = engine.names
     exclude = [target.name] if leave_one_out and target.name in names else []
     text = embed_class_names(clip, target.class_names)
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
               for m in methods if m != "oracle" or target.name in names}
     records = []
+    index = DomainIndex.from_library(engine.library, names) if embedder is None else None
+    extra = cfg.extra_method if cfg.extra_method in meters else None
     for start in range(0, len(target.images), cfg.batch_size):
         x = target.images[start:start + cfg.batch_size]
         y = target.labels[start:start + cfg.batch_size].long()
         n = len(x)
-        masks, ret, seconds = predict_batch(engine, clip, x, text, list(meters), cfg.retrieval, cfg.fusion,
-                                            own=target.name, exclude=exclude, embedder=embedder)
+        masks, batch, seconds = predict_batch(engine, clip, x, text, list(meters), cfg.paper_retrieval, cfg.fusion,
+                                              own=target.name, exclude=exclude, embedder=embedder,
+                                              beyond=cfg.retrieval if extra else None, index=index)
+        ret, beyond = batch.retrieval, batch.beyond
         for m, mask in masks.items():
             meters[m].update(mask, y)
         for i in range(n):
@@ -95,6 +129,8 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=MET
                 "distances": {d: round(float(v), 5) for d, v in zip(names, ret.distances[i])},
                 "chosen": [names[j] for j in ret.indices[i].tolist()],
                 "weights": [round(float(w), 5) for w in ret.weights[i]],
+                **({extra: {"chosen": [names[j] for j in beyond.indices[i].tolist()],
+                            "weights": [round(float(w), 5) for w in beyond.weights[i]]}} if extra else {}),
                 "ms": {"embed": 1000 * seconds["embed"] / n, "retrieve": 1000 * seconds["retrieve"] / n,
                        **{f"predict_{m}": 1000 * seconds[m] / n for m in masks}},
             })
@@ -135,7 +171,7 @@ def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -
     """results.json body: per method, per-domain mIoU, mean, harmonic mean, image counts."""
     methods = {m for scores in per_domain.values() for m in scores}
     out = {}
-    for m in [m for m in METHODS if m in methods]:
+    for m in [m for m in METHODS if m in methods] + sorted(methods - set(METHODS)):
         scores = {d: round(s[m], 2) for d, s in per_domain.items() if m in s}
         values = list(scores.values())
         out[m] = {"per_domain": scores, "mean": round(sum(values) / len(values), 2),
@@ -215,7 +251,7 @@ def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=ME
     """Leave-one-out evaluation of `methods` on `targets`, one after the other in this process (the
     pipeline runs the same steps as Ray tasks); writes results.json and selections.jsonl to `out_dir`
     when given. Returns the results dict."""
-    check_methods(methods)
+    methods = config_methods(methods, cfg)
     model = LibraryModel(segmenter, library, device)
     outcomes = [benchmark_target(model, clip, name, methods, cfg)
                 for name in tqdm(targets, desc="targets", disable=not progress)]
@@ -239,13 +275,14 @@ def ablation_grid(**axes) -> list[EvalConfig]:
 
 def ablate_target(model: LibraryModel, clip: Clip, source: str, configs: list[EvalConfig],
                   methods=("semla",)) -> list[dict[str, float]]:
-    """mIoU per method on one target for each config (the target loaded once per image count and size)."""
+    """mIoU per method on one target for each config (the target loaded once per image count and size);
+    `semla` runs with each config's options beyond the paper, when it has any."""
     loaded, out = {}, []
     for cfg in configs:
         key = (cfg.max_images, cfg.image_size)
         if key not in loaded:
             loaded[key] = load_target(source, cfg.max_images, cfg.image_size)
-        out.append(evaluate_target(model, clip, loaded[key], methods, cfg)[0])
+        out.append(evaluate_target(model, clip, loaded[key], config_methods(methods, cfg, replace_semla=True), cfg)[0])
     return out
 
 
@@ -257,7 +294,7 @@ def ablation_tables(per_target: dict[str, list[dict[str, float]]], configs: list
     for i, cfg in enumerate(configs):
         knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images", "image_size")}
         per_domain = {d: scores[i] for d, scores in per_target.items()}
-        for m in methods:
+        for m in config_methods(methods, cfg, replace_semla=True):
             scores = [per_domain[d][m] for d in per_domain if m in per_domain[d]]
             rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),
                          "mean": round(sum(scores) / len(scores), 2)})
@@ -290,7 +327,8 @@ def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
     """Mean and spread over runs (e.g. adapter training seeds) of each method's h-mean and mean mIoU,
     plus the number of target domains where SemLA beats uniform."""
     rows = []
-    for m in METHODS:
+    extra = sorted({m for p in payloads for m in p["results"]} - set(METHODS))
+    for m in [*METHODS, *extra]:
         runs = [p["results"][m] for p in payloads if m in p["results"]]
         if not runs:
             continue

@@ -9,6 +9,12 @@ Layout of a library folder:
     centroids-<version>.safetensors   one (D,) float32 tensor per domain name
     adapters/<name>/                  the folder peft's save_pretrained wrote, copied as is
     .lock                             writers hold fcntl.flock on it
+    profiles.json                     optional (notebook 10): {"format", "version", "file", "quantile",
+                                       "domains": {name: {num_images, kinds, coverage: {kind: radius},
+                                       vocabulary: bool}}}
+    profiles-<version>.safetensors    "<name>/centroid", "<name>/vocabulary", "<name>/<kind>/<tensor>" of each
+                                       profiled domain (profiles.py: k-means prototypes, GMMs, coverage radii,
+                                       vocabulary embeddings)
 
 Writers copy the adapter into place, then write a new centroids file, then the index, each by
 rename, so a crash at any point leaves the previous library readable; leftovers are cleaned at the
@@ -16,6 +22,12 @@ next write. Readers take no lock: an index names its own centroids file, and the
 version's file is kept, so a reader that opened an older index still finds its centroids.
 Opening reads index.json and the centroids file only; adapter weights are read on demand, and only
 from safetensors (pickle files such as adapter_model.bin are refused, never loaded).
+
+Profiles live beside the index, not in it: libraries and code from before them ignore both profile files, so
+an old library opens and retrieves as before, and a profiled library still opens with old code. A profile
+records the centroid it was fitted with; one whose domain is gone, or was re-added with another centroid,
+is stale and left out. Profiles are versioned like the centroids (file first, profiles.json last, the
+previous version's file kept for readers).
 """
 from __future__ import annotations
 
@@ -36,6 +48,7 @@ from safetensors.torch import load_file, save
 
 from .data import atomic_write_bytes, atomic_write_json
 from .errors import SemlaError
+from .profiles import DomainProfile, parse_index
 
 FORMAT = 1
 INDEX = "index.json"
@@ -47,6 +60,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 COUNT_KEYS = ("num_images", "num_samples", "count")   # optional image count in a loradb statistics file
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
 _CENTROIDS = re.compile(r"centroids-\d+\.safetensors")
+PROFILES = "profiles.json"
+PROFILES_FORMAT = 1
+_PROFILES_FILE = re.compile(r"profiles-\d+\.safetensors")
 
 
 class LibraryError(SemlaError, ValueError):
@@ -351,6 +367,7 @@ class AdapterLibrary:
         self._index = index
         self._domains = {d["name"]: d for d in index["domains"]}
         self._centroids = centroids
+        self._profiles_cache = None
 
     def refresh(self) -> AdapterLibrary:
         """Re-read the index (a long-lived reader picks up other processes' writes)."""
@@ -450,8 +467,10 @@ class AdapterLibrary:
             else:
                 p.unlink()
         keep = {f"centroids-{self.version}.safetensors", f"centroids-{self.version - 1}.safetensors"}
+        pv = self._profiles_version()
+        keep |= {f"profiles-{pv}.safetensors", f"profiles-{pv - 1}.safetensors"}
         for p in self.root.iterdir():
-            stale = _CENTROIDS.fullmatch(p.name) and p.name not in keep
+            stale = (_CENTROIDS.fullmatch(p.name) or _PROFILES_FILE.fullmatch(p.name)) and p.name not in keep
             if stale or (p.name.startswith(".") and p.name.endswith(".tmp")):
                 p.unlink()
 
@@ -464,6 +483,78 @@ class AdapterLibrary:
         atomic_write_json(self.root / INDEX, index)
         self._set_state(index, centroids)
         self._clean()
+
+    # ---- profiles (profiles.py) ------------------------------------------------------------------
+
+    def _profiles_version(self) -> int:
+        path = self.root / PROFILES
+        return _read_json(path, "library profiles").get("version", 0) if path.is_file() else 0
+
+    def profiles(self) -> dict[str, DomainProfile]:
+        """{name: DomainProfile} of the domains that have a current profile (insertion order); {} for a
+        library without profiles. Stale profiles (domain gone, or re-added with another centroid) are left out."""
+        path = self.root / PROFILES
+        if not path.is_file():
+            return {}
+        meta = _read_json(path, "library profiles")
+        if self._profiles_cache is not None and self._profiles_cache[0] == meta:
+            return dict(self._profiles_cache[1])
+        if meta.get("format") != PROFILES_FORMAT or meta.get("file") != f"profiles-{meta.get('version')}.safetensors" \
+                or not isinstance(meta.get("domains"), dict):
+            raise LibraryError(f"{path} is malformed: expected format {PROFILES_FORMAT}, a 'file' named "
+                               "profiles-<version>.safetensors and a 'domains' dict")
+        tensors = _load_safetensors(self.root / meta["file"], "library profiles file")
+        out = {}
+        for name in self.names():
+            info = meta["domains"].get(name)
+            if info is None or f"{name}/centroid" not in tensors:
+                continue
+            where = f"profile of domain {name!r} in {self.root / meta['file']}"
+            centroid = _as_centroid(tensors[f"{name}/centroid"], self.dim, where)
+            if not torch.equal(centroid, self._centroids[name]):
+                continue                                                   # fitted for an earlier domain of that name
+            try:
+                models = {kind: {key.split("/")[-1]: t for key, t in tensors.items()
+                                 if key.startswith(f"{name}/{kind}/")} for kind in info["kinds"] if kind != "centroid"}
+                for kind, params in models.items():
+                    parse_index(kind)
+                    if params.get("means") is None or params["means"].shape[-1] != self.dim:
+                        raise LibraryError(f"{where}: {kind} lacks (P, {self.dim}) means")
+                coverage = {k: float(v) for k, v in info["coverage"].items()}
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise LibraryError(f"{where} is malformed: {e}") from None
+            vocab = tensors.get(f"{name}/vocabulary")
+            out[name] = DomainProfile(centroid, int(info.get("num_images", 0)), models, coverage,
+                                      None if vocab is None else _as_centroid(vocab, self.dim, where))
+        self._profiles_cache = (meta, out)
+        return dict(out)
+
+    def set_profiles(self, profiles: dict[str, DomainProfile]) -> None:
+        """Store profiles of some of the library's domains, replacing theirs and keeping the others' (under the
+        writer lock): profiles-<v+1>.safetensors first, then profiles.json."""
+        for name, prof in profiles.items():
+            self._entry(name)
+            if not torch.equal(_as_centroid(prof.centroid, self.dim, f"profile of {name!r}"), self._centroids[name]):
+                raise LibraryError(f"profile of domain {name!r} was fitted with another centroid than the library's")
+        with self._locked():
+            merged = {**self.profiles(), **profiles}
+            merged = {n: merged[n] for n in self.names() if n in merged}
+            version = self._profiles_version() + 1
+            tensors, domains = {}, {}
+            for name, prof in merged.items():
+                tensors[f"{name}/centroid"] = prof.centroid.float().contiguous()
+                if prof.vocabulary is not None:
+                    tensors[f"{name}/vocabulary"] = prof.vocabulary.float().contiguous()
+                for kind, params in prof.models.items():
+                    tensors.update({f"{name}/{kind}/{key}": t.float().contiguous() for key, t in params.items()})
+                domains[name] = {"num_images": prof.num_images, "kinds": prof.kinds,
+                                 "coverage": {k: round(v, 6) for k, v in prof.coverage.items()},
+                                 "vocabulary": prof.vocabulary is not None}
+            meta = {"format": PROFILES_FORMAT, "version": version, "file": f"profiles-{version}.safetensors",
+                    "domains": domains}
+            atomic_write_bytes(self.root / meta["file"], save(tensors))
+            atomic_write_json(self.root / PROFILES, meta)
+            self._clean()
 
     def add(self, name: str, adapter_dir: str | Path, centroid: torch.Tensor, num_images: int | None,
             metadata: dict | None = None) -> LibraryEntry:

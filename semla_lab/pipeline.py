@@ -33,7 +33,7 @@ from .assets import base_model_id, load_segmenter, save_weights, update_manifest
 from .clip import TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
 from .engine import Engine
 from .errors import UsageError
-from .experiments import (METHODS, EvalConfig, ablate_target, ablation_tables, benchmark_payload, benchmark_target,
+from .experiments import (METHODS, EvalConfig, ablate_target, config_methods, ablation_tables, benchmark_payload, benchmark_target,
                           evaluate_model, write_ablation, write_benchmark)
 from .library import AdapterLibrary
 from .methods import check_methods
@@ -304,7 +304,7 @@ def evaluate(targets: Sequence[str], models: Models, methods: Sequence[str] = ME
              progress: bool = True) -> dict:
     """The leave-one-out benchmark of `models.library` on `targets`, one job per target on `engine`;
     the same payload as experiments.run_benchmark, written to `out_dir` when given."""
-    methods = tuple(check_methods(methods))
+    methods = tuple(config_methods(methods, cfg))
     engine = engine or Engine()
     gpus = 1.0 if resolve_device(models.device).type == "cuda" else 0.0
     jobs = [EvalJob(t, models.on_worker(gpus) if engine.ray else models, methods, cfg) for t in targets]
@@ -433,3 +433,25 @@ def build_library(root: Path, cfg: AdapterConfig = AdapterConfig(), domains: lis
             "threads": torch.get_num_threads()}
     update_manifest(root, "library", info)
     return info
+
+
+def fit_domain_profiles(library, clip: Clip, kinds=("kmeans:4", "gmm:4"), domains: list[str] | None = None,
+                        quantile: float = 0.95, progress=True) -> dict:
+    """Fit and store the profiles (profiles.py) of library domains from their regenerated training splits,
+    embedded as their centroids were. A domain whose images do not give back its library centroid (another
+    CLIP, or no mini-world domain of that name) is refused. Returns {name: DomainProfile}."""
+    from .profiles import fit_profile, parse_index
+    for kind in kinds:
+        parse_index(kind)
+    fitted = {}
+    for name in tqdm(domains or library.names(), desc="profiles", disable=not progress):
+        centroid = library.get(name).centroid
+        data = load_split(name, "train")
+        emb = index_embeddings(clip, data.images, library.embedder)
+        gap = float((emb.mean(0) - centroid).norm())
+        if gap > 1e-3:
+            raise UsageError(f"domain {name!r}: its regenerated training images lie {gap:.3g} from the library "
+                             "centroid; the library was built from other data or with another CLIP")
+        fitted[name] = fit_profile(emb, centroid, kinds, quantile, embed_class_names(clip, data.class_names))
+    library.set_profiles(fitted)
+    return fitted

@@ -24,7 +24,7 @@ from .data import read_image
 from .fusion import FusedAdapters
 from .errors import UsageError
 from .library import lora_scaling
-from .retrieval import Retrieval, RetrievalConfig, retrieve
+from .retrieval import DomainIndex, Retrieval, RetrievalConfig
 from .runtime import resolve_device
 from .segmenter import upsample_logits
 
@@ -68,13 +68,17 @@ class LibraryModel:
 
     @torch.no_grad()
     def late_logits(self, images: torch.Tensor, text: torch.Tensor, indices: torch.Tensor,
-                    weights: torch.Tensor) -> torch.Tensor:
-        """Late fusion: one forward per selected adapter, probabilities mixed with the weights.
+                    weights: torch.Tensor, base_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Late fusion: one forward per selected adapter, probabilities mixed with the weights (and the base
+        model's with `base_weights` (B,), the coverage fallback's null adapter).
         Returns log-probabilities (B, T, H, W), so argmax works as for logits."""
         probs = 0
         for k in range(indices.shape[1]):
             out = self.logits(images, text, indices[:, k:k + 1], torch.ones_like(weights[:, k:k + 1]))
             probs = probs + weights[:, k].to(out).view(-1, 1, 1, 1) * out.softmax(1)
+        if base_weights is not None:
+            out = self.logits(images, text)
+            probs = probs + base_weights.to(out).view(-1, 1, 1, 1) * out.softmax(1)
         return probs.clamp_min(1e-12).log()
 
 
@@ -115,6 +119,8 @@ class SemLAPredictor:
         self.batch_size = batch_size
         self._segmenter, self._device, self._model = segmenter, device, None
         self._images: list[torch.Tensor] = []
+        self._exclude: list[str] = []
+        self.index = DomainIndex.from_library(library)
         self.retrieval: Retrieval | None = None
         self.embeddings: torch.Tensor | None = None     # (N, D) of the images set, None when a retrieval was given
 
@@ -153,12 +159,23 @@ class SemLAPredictor:
                       for i in range(0, len(images), self.batch_size)]
             embeddings = torch.cat([index_embeddings(self.clip, c, self.library.embedder, batch_size=self.batch_size)
                                     for c in chunks])                          # (N, D)
-            names = self.library.names()
-            retrieval = retrieve(embeddings, self.library.centroids(names), names, self.config, exclude=exclude)
+            retrieval = None if self.config.text_weight > 0 else self._search(embeddings, exclude)
         elif len(retrieval.indices) != len(images):
             raise UsageError(f"retrieval has {len(retrieval.indices)} rows for {len(images)} images")
         self._images, self.retrieval, self.embeddings = images, retrieval, embeddings
+        self._exclude = [exclude] if isinstance(exclude, str) else list(exclude)
         return retrieval
+
+    def _search(self, embeddings: torch.Tensor, exclude, class_text: torch.Tensor | None = None) -> Retrieval:
+        return self.index.search(embeddings, self.config, [exclude] if isinstance(exclude, str) else list(exclude),
+                                 class_text=class_text)
+
+    def _retrieval_for(self, text: torch.Tensor) -> Retrieval:
+        """The images' retrieval; text-aware retrieval (config.text_weight > 0) is made here, with the class
+        names of the prediction."""
+        if self.config.text_weight > 0 and self.embeddings is not None:
+            self.retrieval = self._search(self.embeddings, self._exclude, text)
+        return self.retrieval
 
     @property
     def image(self) -> torch.Tensor:
@@ -178,7 +195,8 @@ class SemLAPredictor:
         text = embed_class_names(self.clip, class_names)
         if not adapt:
             return self.model.logits(self._images[0][None], text)[0].cpu()
-        return self.model.logits(self._images[0][None], text, self.retrieval.indices, self.retrieval.weights,
+        retrieval = self._retrieval_for(text)
+        return self.model.logits(self._images[0][None], text, retrieval.indices, retrieval.weights,
                                  self.fusion)[0].cpu()
 
     def predict(self, class_names: list[str], adapt: bool = True) -> torch.Tensor:
@@ -189,19 +207,25 @@ class SemLAPredictor:
         """One (H_i, W_i) int64 mask per image set with set_image_batch, `batch_size` images per forward."""
         self._require_image(single=False)
         text = embed_class_names(self.clip, class_names)
+        retrieval = self._retrieval_for(text) if adapt else None
         masks = []
         for start in range(0, len(self._images), self.batch_size):
             rows = slice(start, start + self.batch_size)
-            selection = (self.retrieval.indices[rows], self.retrieval.weights[rows], self.fusion) if adapt else ()
+            selection = (retrieval.indices[rows], retrieval.weights[rows], self.fusion) if adapt else ()
             masks += [lg.argmax(0) for lg in self.model.logits_per_image(self._images[rows], text, *selection)]
         return masks
 
     def explain(self) -> list[tuple[str, float, float]]:
-        """The chosen domains with their distances and weights, nearest first."""
+        """The chosen domains with their distances and weights, nearest first; with the coverage fallback,
+        then ("base model", nan, its weight)."""
         self._require_image()
-        return self.retrieval.chosen(0)
+        return self.explain_batch()[0]
 
     def explain_batch(self) -> list[list[tuple[str, float, float]]]:
         """explain() for every image set with set_image_batch."""
         self._require_image(single=False)
-        return [self.retrieval.chosen(q) for q in range(len(self._images))]
+        if self.retrieval is None:
+            raise RuntimeError("text-aware retrieval waits for the class names: call predict() before explain()")
+        base = self.retrieval.base_weights
+        return [self.retrieval.chosen(q) + ([] if base is None else [("base model", float("nan"), float(base[q]))])
+                for q in range(len(self._images))]

@@ -15,8 +15,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOP = {"benchmark", "env", "quick", "rows", "targets"}
 EXTRA = {"adaptation": {"embedder", "fusion", "profile", "candidates"}, "hetero_batch": {"notes"},
-         "embedding": set(), "retrieval": {"breakdown", "library_open"}, "ray": {"adapters", "steps"},
-         "analyze": set()}
+         "embedding": set(), "retrieval": {"breakdown", "library_open"}, "prototypes": {"k", "prototypes", "dim"},
+         "ray": {"adapters", "steps"}, "analyze": set()}
 ROW = {"adaptation": {"model", "batch", "measured", "median_s", "per_image_s", "ratio_to_base", "how"},
        "hetero_batch": {"model", "n", "method", "total_s", "per_image_s", "images_per_s", "fused_batch_speedup",
                         "max_abs_diff"},
@@ -24,12 +24,14 @@ ROW = {"adaptation": {"model", "batch", "measured", "median_s", "per_image_s", "
                      "speedup_vs_one_per_call"},
        "retrieval": {"n_centroids", "dim", "single_query_s", "batch64_per_query_s", "proposed_single_query_s",
                      "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"},
+       "prototypes": {"n_domains", "queries", "index", "wall_s", "cpu_s", "cpu_ratio_to_centroid",
+                      "same_as_exhaustive"},
        "ray": {"mode", "startup_s", "build_s", "build_speedup", "loo_s", "loo_speedup", "end_to_end_s",
                "overhead_per_task_s"},
        "analyze": {"task", "mode", "n_images", "total_s", "images_per_s", "speedup_vs_one_per_call",
                    "max_abs_diff_weights", "mask_pixels_equal"}}
 TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s",
-        "ray": "build_s", "analyze": "total_s"}
+        "prototypes": "cpu_s", "ray": "build_s", "analyze": "total_s"}
 
 
 @pytest.mark.slow
@@ -56,6 +58,8 @@ def test_run_all_quick_writes_every_json(tmp_path):
     analyze = json.loads((tmp_path / "analyze.json").read_text())["rows"]
     assert all(r["max_abs_diff_weights"] < 1e-4 and (r["mask_pixels_equal"] or 1) > 0.9999 for r in analyze), \
         "batched analysis must give what one image per call gives"
+    prototypes = json.loads((tmp_path / "prototypes.json").read_text())["rows"]
+    assert all(r["same_as_exhaustive"] is not False for r in prototypes), "search must find the exhaustive top-K"
     adaptation = json.loads((tmp_path / "adaptation.json").read_text())
     assert {t["name"] for t in adaptation["targets"]} >= {"fusion step tiny batch 1", "fusion step tiny batch 16"}
 
