@@ -26,7 +26,7 @@ import json
 import secrets
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
@@ -271,6 +271,9 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
     pool = ensure_pool(out / "pool", cfg.pool_size, cfg.pool_seed)
     targets = [str(p) for p in sorted((manifests_dir() / "heldout").glob("*.yaml"))] if targets is None else list(targets)
     target_specs = _target_specs(targets, pool)
+    if cfg.oracle and len(target_specs) < 2:
+        raise UsageError("the oracle needs two or more targets (run_benchmark also retrieves among the other "
+                         "targets' adapters); add a target or drop the oracle")
     lora = {"r": adapter.r, "lora_alpha": adapter.lora_alpha, "target_modules": adapter.target_modules}
     pool_lib = open_library(out / "pool-library", lora=lora)
     libs = [(pool_lib, pool, [str(out / "pool" / f"{s.name}.yaml") for s in pool])]
@@ -312,8 +315,9 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
                 jobs[job] = name
         if cfg.oracle:
             oracle_lib = AdapterLibrary(out / "oracle-library")
-            job = EvalJob(str(oracle_lib.root), tuple(targets), ("oracle",), eval_cfg, str(out / "evaluations" / "oracle"),
-                          device)
+            # run_benchmark also retrieves (top-k among the other targets' adapters), which the oracle ignores: k=1
+            job = EvalJob(str(oracle_lib.root), tuple(targets), ("oracle",), replace(eval_cfg, k=1),
+                          str(out / "evaluations" / "oracle"), device)
             results["oracle"] = stored_results(Path(job.out_dir), oracle_lib, job)
             if results["oracle"] is None:
                 jobs[job] = "oracle"
