@@ -260,7 +260,7 @@ def ablation_curves(tables: dict[str, pd.DataFrame], references: dict[str, float
 SCALING_COLORS = {"zero_shot": "tab:gray", "uniform": "tab:blue", "semla": "tab:orange", "oracle": "tab:green"}
 
 
-def scaling_curves(table: pd.DataFrame, oracle: float | None = None, figsize=(11, 3.8)):
+def scaling_curves(table: pd.DataFrame, oracle: float | None = None, figsize=(11, 4.8)):
     """Left: h-mean against library size per method (scaling.scaling_table rows), the mean of the random
     orders as a solid line over their min-max band, the active order dashed, the oracle as a horizontal
     line. Right: the targets' coverage distance (mean distance to the nearest library centroid) per order."""
@@ -280,7 +280,7 @@ def scaling_curves(table: pd.DataFrame, oracle: float | None = None, figsize=(11
     if oracle is not None:
         ax.axhline(oracle, color=SCALING_COLORS["oracle"], linestyle=":", label="oracle (own adapter, not in library)")
     ax.set_ylabel("h-mean mIoU over targets")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
     per_order = table.drop_duplicates(["order", "size"])
     for order, rows in per_order.groupby("order", sort=True):
         active = (rows.kind == "active").all()

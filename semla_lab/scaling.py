@@ -255,6 +255,58 @@ def _train(engine: Engine, work: list[tuple[AdapterLibrary, DomainSpec, str]], o
     return seconds
 
 
+def growth_orders(cfg: ScaleConfig, names: list[str], centroids: dict[str, torch.Tensor], queries: list[torch.Tensor],
+                  metric: str) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
+    """The study's orders of the pool's domains (random-<seed>, then active) and each order's coverage of
+    the targets at every library size (keyed by str(size), as in JSON)."""
+    orders = {f"random-{s}": random_order(names, s) for s in range(cfg.random_orders)}
+    if cfg.active:
+        orders[ACTIVE] = active_order(queries, torch.stack([centroids[n] for n in names]), names, metric)
+    coverage = {o: {str(size): value for size, value in coverage_curve(queries, centroids, order, cfg.sizes, metric).items()}
+                for o, order in orders.items()}
+    return orders, coverage
+
+
+def _evaluate(engine: Engine, out: Path, cfg: ScaleConfig, orders: dict[str, list[str]], pool_lib: AdapterLibrary,
+              targets: list[str], eval_cfg: EvalConfig, device, progress: bool, log) -> tuple[dict, dict, int]:
+    """Build the nested libraries, evaluate those without stored results (and the oracle) through the engine.
+    Returns the runs (library name -> library, size, orders, domains), results by library name, and the
+    number of evaluations run."""
+    runs: dict[str, dict] = {}
+    for order_name, order in orders.items():
+        for size in cfg.sizes:
+            name = library_name(order_name, size, cfg.pool_size)
+            run = runs.setdefault(name, {"library": f"libraries/{name}", "size": size, "orders": [],
+                                         "domains": order[:size]})
+            run["orders"].append(order_name)
+    jobs, results = {}, {}
+    for name, run in runs.items():
+        library = nested_library(pool_lib, run["domains"], out / run["library"])
+        job = EvalJob(str(library.root), tuple(targets), METHODS, eval_cfg, str(out / "evaluations" / name), device)
+        results[name] = stored_results(Path(job.out_dir), library, job)
+        if results[name] is None:
+            jobs[job] = name
+    if cfg.oracle:
+        oracle_lib = AdapterLibrary(out / "oracle-library")
+        # run_benchmark also retrieves (top-k among the other targets' adapters), which the oracle ignores: k=1
+        job = EvalJob(str(oracle_lib.root), tuple(targets), ("oracle",), replace(eval_cfg, k=1),
+                      str(out / "evaluations" / "oracle"), device)
+        results["oracle"] = stored_results(Path(job.out_dir), oracle_lib, job)
+        if results["oracle"] is None:
+            jobs[job] = "oracle"
+    log(f"{len(runs)} libraries, {len(jobs)} evaluation(s) to run")
+    for job, res in tqdm(engine.map(evaluate_job, list(jobs)), total=len(jobs), desc="evaluations", disable=not progress):
+        results[jobs[job]] = res
+    return runs, results, len(jobs)
+
+
+def _spec_label(file: str) -> str:
+    """A target's spec file relative to the data manifests when it is one of them (no local paths in results)."""
+    from .manifests import manifests_dir
+    path = Path(file).resolve()
+    return str(path.relative_to(manifests_dir().resolve())) if path.is_relative_to(manifests_dir().resolve()) else file
+
+
 def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequence[str] | None = None,
               adapter: AdapterConfig = AdapterConfig(), eval_cfg: EvalConfig = EvalConfig(max_images=100),
               engine: Engine | None = None, device=None, progress: bool = True,
@@ -288,60 +340,27 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
         t0 = time.perf_counter()
         train_seconds = _train(engine, work, out, adapter, device, progress) if work else {}
         t_train = time.perf_counter() - t0
-
         names = [s.name for s in pool]
-        centroids = {n: pool_lib.get(n).centroid for n in names}
-        queries = target_queries(target_specs, cfg.query_images, device)
-        orders = {f"random-{s}": random_order(names, s) for s in range(cfg.random_orders)}
-        if cfg.active:
-            orders[ACTIVE] = active_order(queries, torch.stack([centroids[n] for n in names]), names, eval_cfg.metric)
-        coverage = {o: {str(size): value for size, value in coverage_curve(queries, centroids, order, cfg.sizes,
-                                                                          eval_cfg.metric).items()}
-                    for o, order in orders.items()}
-
+        orders, coverage = growth_orders(cfg, names, {n: pool_lib.get(n).centroid for n in names},
+                                         target_queries(target_specs, cfg.query_images, device), eval_cfg.metric)
         t0 = time.perf_counter()
-        runs: dict[str, dict] = {}
-        for order_name, order in orders.items():
-            for size in cfg.sizes:
-                name = library_name(order_name, size, cfg.pool_size)
-                runs.setdefault(name, {"library": f"libraries/{name}", "size": size, "orders": []})["orders"].append(order_name)
-                runs[name]["domains"] = order[:size]
-        jobs, results = {}, {}
-        for name, run in runs.items():
-            library = nested_library(pool_lib, run["domains"], out / run["library"])
-            job = EvalJob(str(library.root), tuple(targets), METHODS, eval_cfg, str(out / "evaluations" / name), device)
-            results[name] = stored_results(Path(job.out_dir), library, job)
-            if results[name] is None:
-                jobs[job] = name
-        if cfg.oracle:
-            oracle_lib = AdapterLibrary(out / "oracle-library")
-            # run_benchmark also retrieves (top-k among the other targets' adapters), which the oracle ignores: k=1
-            job = EvalJob(str(oracle_lib.root), tuple(targets), ("oracle",), replace(eval_cfg, k=1),
-                          str(out / "evaluations" / "oracle"), device)
-            results["oracle"] = stored_results(Path(job.out_dir), oracle_lib, job)
-            if results["oracle"] is None:
-                jobs[job] = "oracle"
-        log(f"{len(runs)} libraries, {len(jobs)} evaluation(s) to run")
-        for job, res in tqdm(engine.map(evaluate_job, list(jobs)), total=len(jobs), desc="evaluations",
-                             disable=not progress):
-            results[jobs[job]] = res
+        runs, results, evaluations = _evaluate(engine, out, cfg, orders, pool_lib, targets, eval_cfg, device, progress, log)
         t_eval = time.perf_counter() - t0
 
+    pick = lambda res: {k: res[k] for k in ("hmean", "mean", "per_domain")}
+    counts = results[next(iter(runs))]["zero_shot"]["num_images"]
     payload = {
         "config": {**asdict(cfg), "adapter": asdict(adapter), "evaluation": asdict(eval_cfg), "methods": list(METHODS)},
-        "targets": {t.name: {"spec": f, "test_images": results[next(iter(runs))]["zero_shot"]["num_images"][t.name]}
-                    for t, f in zip(target_specs, targets)},
+        "targets": {t.name: {"spec": _spec_label(f), "test_images": counts[t.name]} for t, f in zip(target_specs, targets)},
         "pool": {"folder": "pool", "domains": {s.name: s.plays for s in pool}},
         "orders": orders,
         "coverage": coverage,
         "runs": [{"library": r["library"], "size": r["size"], "orders": r["orders"],
-                  "results": {m: {k: res[k] for k in ("hmean", "mean", "per_domain")} for m, res in results[n].items()}}
-                 for n, r in runs.items()],
-        "oracle": ({k: results["oracle"]["oracle"][k] for k in ("hmean", "mean", "per_domain")}
-                   if cfg.oracle else None),
+                  "results": {m: pick(res) for m, res in results[n].items()}} for n, r in runs.items()],
+        "oracle": pick(results["oracle"]["oracle"]) if cfg.oracle else None,
         "timing": {"engine": repr(engine), "threads": torch.get_num_threads(), "adapters_trained": len(train_seconds),
                    "train_wall_s": round(t_train, 1), "train_job_s": round(sum(train_seconds.values()), 1),
-                   "evaluations_run": len(jobs), "evaluate_wall_s": round(t_eval, 1),
+                   "evaluations_run": evaluations, "evaluate_wall_s": round(t_eval, 1),
                    "total_wall_s": round(time.perf_counter() - t_start, 1)},
     }
     atomic_write_json(out / "scaling.json", payload)
@@ -350,16 +369,19 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
 
 # ---- reading a study -------------------------------------------------------------------------------
 
-def scaling_table(payload: dict) -> pd.DataFrame:
+def scaling_table(payload: dict, by_target: bool = False) -> pd.DataFrame:
     """One row per (order, size, method): h-mean and mean mIoU over the targets and the targets' coverage
-    distance; `kind` is "random" or "active"."""
+    distance; `kind` is "random" or "active". With `by_target`, one row per target instead, with its mIoU."""
     rows = []
     for run in payload["runs"]:
         for order in run["orders"]:
             for method, res in run["results"].items():
-                rows.append({"order": order, "kind": ACTIVE if order == ACTIVE else "random", "size": run["size"],
-                             "method": method, "hmean": res["hmean"], "mean": res["mean"],
-                             "coverage": payload["coverage"][order][str(run["size"])]})
+                row = {"order": order, "kind": ACTIVE if order == ACTIVE else "random", "size": run["size"],
+                       "method": method, "coverage": payload["coverage"][order][str(run["size"])]}
+                if by_target:
+                    rows += [{**row, "target": t, "miou": v} for t, v in res["per_domain"].items()]
+                else:
+                    rows.append({**row, "hmean": res["hmean"], "mean": res["mean"]})
     return pd.DataFrame(rows).sort_values(["method", "order", "size"], ignore_index=True)
 
 
