@@ -1,5 +1,6 @@
 # The two commands of the README: `make demo` and `make test`. Both install into .venv first.
 # `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check).
+# `make assets RAY=1` trains the library's adapters as Ray tasks on a local cluster (RAY_ADDRESS: a running one).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -29,7 +30,7 @@ wheel-check: $(STAMP)
 	PYTHON=$(PY) .ci/wheel_check
 
 assets: $(STAMP)
-	$(VENV)/bin/semla-lab build all
+	$(VENV)/bin/semla-lab build all $(if $(RAY),--ray)
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -17,7 +17,7 @@ import traceback
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("adaptation", "hetero_batch", "embedding", "retrieval")
+BENCHMARKS = ("adaptation", "hetero_batch", "embedding", "retrieval", "ray")
 
 
 def main(argv=None) -> int:

@@ -6,7 +6,7 @@ distance_matrix, nearest_centroid_confusion, top_confusions, compare_centroids.
 Retrieval: weights_vs_tau, effective_number.
 Fusion: lora_modules, lora_factors, fuse_by_hand (the reference dW = sum_i w_i s_i B_i A_i),
 linear_cross_terms, fused_layer_delta (the package's FusedAdapters), peft_layer_delta (peft).
-Predictions: method_masks (zero-shot / SemLA / oracle for one image), masks_miou.
+Predictions: method_masks (methods.py's registry on one image), masks_miou.
 Ablations: one_at_a_time.
 """
 from __future__ import annotations
@@ -233,18 +233,20 @@ def peft_layer_delta(peft_model, adapters: Sequence[str], weights: Sequence[floa
 
 # ---- predictions -------------------------------------------------------------------------------
 
-def method_masks(predictor, class_names: Sequence[str], oracle: str | None = None) -> dict[str, torch.Tensor]:
-    """(H, W) predictions for a SemLAPredictor's current image (after set_image): "zero-shot" (base
-    model), "SemLA" (its retrieval and fusion) and, when `oracle` names a library domain, "oracle"
-    (that domain's adapter alone)."""
+def method_masks(predictor, class_names: Sequence[str], oracle: str | None = None,
+                 methods: Sequence[str] = ("zero_shot", "semla", "oracle")) -> dict[str, torch.Tensor]:
+    """(H, W) predictions of `methods` (methods.py) for a SemLAPredictor's current image (after
+    set_image), keyed by display label ("zero-shot", "SemLA", ...), with its retrieval and fusion; the
+    oracle uses the adapter of the library domain `oracle` and is left out when that is None."""
     from .clip import embed_class_names
-    masks = {"zero-shot": predictor.predict(list(class_names), adapt=False),
-             "SemLA": predictor.predict(list(class_names))}
-    if oracle is not None:
-        model = predictor.model
-        text = embed_class_names(predictor.clip, list(class_names))
-        idx = torch.tensor([[model.names.index(oracle)]])
-        masks["oracle"] = model.logits(predictor.image[None], text, idx, torch.ones(1, 1))[0].argmax(0).cpu()
+    from .methods import LABELS, Batch, method_logits
+    batch = Batch(predictor.model, predictor.image[None], embed_class_names(predictor.clip, list(class_names)),
+                  predictor.retrieval, own=oracle, fusion=predictor.fusion)
+    masks = {}
+    for m in methods:
+        logits = method_logits(m, batch)
+        if logits is not None:
+            masks[LABELS[m]] = logits[0].argmax(0).cpu()
     return masks
 
 

@@ -6,6 +6,8 @@
   semla-lab train-adapter / build-library / add-domain   grow adapter libraries
   semla-lab evaluate    the leave-one-out benchmark (the main job)
   semla-lab ablate      a grid over retrieval and fusion knobs
+Adapter training and target evaluation run as Ray tasks with --ray (build, build-library, add-domain,
+evaluate, ablate; see engine.py).
   semla-lab transfer    every adapter alone on every target: off-domain harm, uniform merge, retrieval regret
   semla-lab summarize   mean and spread over several evaluate runs (adapter seeds)
   semla-lab scale       grow libraries from a random domain pool: h-mean against library size, random and active orders
@@ -19,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import MissingFileError, SemlaError, UsageError
+from .errors import MissingFileError, SemlaError
 
 
 def _csv(kind):
@@ -75,29 +77,35 @@ def world_summary(specs, count: int = 64):
     return pd.DataFrame(rows).set_index("domain")
 
 
+def _engine(args):
+    """Where the command's jobs run: serially, or as Ray tasks with --ray / --ray-address (engine.py)."""
+    from .engine import Engine
+    return Engine(ray=args.ray, address=args.ray_address, num_cpus=args.num_cpus)
+
+
 def cmd_build(args):
     """Every stage builds into a staging folder; the artifacts are replaced once all stages are done."""
-    from . import assets
+    from . import assets, pipeline
     from .runtime import assets_dir
     from .train import AdapterConfig, ClipTrainConfig, SegTrainConfig
     root = Path(args.out) if args.out else assets_dir()
     q, dev = args.quick, args.device
     stages = ["clip", "segmenter", "library"] if args.stage == "all" else [args.stage]
-    with assets.staging(root, seed=root) as tmp:
+    with assets.staging(root, seed=root) as tmp, _engine(args) as engine:
         for stage in stages:
             if stage == "clip":
                 cfg = ClipTrainConfig(steps=4, batch=16, corpus=64, seed=args.seed) if q else \
                     ClipTrainConfig(seed=args.seed)
-                info = assets.build_clip(tmp, cfg, domains=["cityscapes", "nyu"] if q else None, device=dev,
-                                         progress=not args.quiet)
+                info = pipeline.build_clip(tmp, cfg, domains=["cityscapes", "nyu"] if q else None, device=dev,
+                                           progress=not args.quiet)
             elif stage == "segmenter":
                 cfg = SegTrainConfig(steps=3, batch=8, seed=args.seed) if q else SegTrainConfig(seed=args.seed)
-                info = assets.build_segmenter_asset(tmp, cfg, domains=["source", "cityscapes"] if q else None,
-                                                    device=dev, progress=not args.quiet)
+                info = pipeline.build_segmenter_asset(tmp, cfg, domains=["source", "cityscapes"] if q else None,
+                                                      device=dev, progress=not args.quiet)
             else:
                 cfg = AdapterConfig(steps=2, batch=8, seed=args.seed) if q else AdapterConfig(seed=args.seed)
-                info = assets.build_library(tmp, cfg, domains=["cityscapes", "acdc_fog"] if q else None, device=dev,
-                                            progress=not args.quiet)
+                info = pipeline.build_library(tmp, cfg, domains=["cityscapes", "acdc_fog"] if q else None, device=dev,
+                                              progress=not args.quiet, engine=engine)
             print(json.dumps({stage: info}, indent=1, default=str))
         assets.commit(tmp, root)
 
@@ -118,20 +126,28 @@ def cmd_zero_shot(args):
     print(f"{'h-mean (targets)':18s} {harmonic_mean(targets):6.1f}")
 
 
-def _bundle(args):
-    """Segmenter, CLIP and library for evaluate/ablate: the shipped ones unless paths are given. The
-    CLIP must be the library's embedding model; the segmenter is built around its architecture."""
-    from .assets import load_segmenter
-    from .clip import load_clip
+def _models(args, library=None):
+    """The models a command names (pipeline.Models): the shipped tiny CLIP and segmenter unless --clip,
+    --pretrained, --checkpoint or --segmenter say otherwise; a library's CLIP defaults to its embedder's."""
+    from .pipeline import Models
+    clip = args.clip or (library.embedder.get("model") if library is not None else None) or Models.clip
+    return Models(clip=clip, pretrained=args.pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
+                  library=str(library.root) if library is not None else None, device=str(args.device))
+
+
+def _library(args):
     from .library import AdapterLibrary
     from .runtime import assets_dir
-    library = AdapterLibrary(args.library or assets_dir() / "library")
-    emb = library.embedder
-    clip = load_clip(args.clip or emb.get("model", "semla-tiny-clip"), pretrained=args.pretrained,
-                     checkpoint=args.checkpoint, device=args.device)
-    if clip.identity(emb.get("normalize", True)) != emb:
-        raise UsageError(f"library {library.root} was built with embedder {emb}, not {clip.identity(True)}")
-    return load_segmenter(args.segmenter, clip=clip, device=args.device), clip, library
+    return AdapterLibrary(args.library or assets_dir() / "library")
+
+
+def _bundle(args):
+    """Segmenter, CLIP and library for the in-process commands (transfer): the shipped ones unless paths
+    are given. The CLIP must be the library's embedding model."""
+    from .pipeline import library_model, load_models
+    models = _models(args, _library(args))
+    clip, segmenter = load_models(models)
+    return segmenter, clip, library_model(models).library
 
 
 def _eval_config(args, **over):
@@ -142,15 +158,16 @@ def _eval_config(args, **over):
 
 
 def cmd_evaluate(args):
-    from .experiments import METHODS, format_intervals, format_table, run_benchmark
+    from .experiments import format_intervals, format_table
+    from .methods import METHODS, check_methods
+    from .pipeline import evaluate, library_model, load_models
     from .world.generate import target_domains
-    cfg, methods = _eval_config(args), args.methods or METHODS
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {list(METHODS)}")
-    seg, clip, library = _bundle(args)
-    payload = run_benchmark(seg, clip, library, args.targets or target_domains(), methods, cfg, args.out,
-                            device=args.device, progress=not args.quiet)
+    cfg, methods = _eval_config(args), check_methods(args.methods or METHODS)
+    models = _models(args, _library(args))
+    load_models(models), library_model(models)          # a mismatched CLIP or library fails here, before any job
+    with _engine(args) as engine:
+        payload = evaluate(args.targets or target_domains(), models, methods, cfg, args.out, engine,
+                           progress=not args.quiet)
     print(format_table(payload["results"]))
     if payload["bootstrap"]:
         print("\n" + format_intervals(payload["bootstrap"]))
@@ -162,13 +179,16 @@ def cmd_evaluate(args):
 
 
 def cmd_ablate(args):
-    from .experiments import ablation_grid, run_ablation
+    from .experiments import ablation_grid
+    from .pipeline import ablate, library_model, load_models
     from .world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
                          max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size])
-    seg, clip, library = _bundle(args)
-    table = run_ablation(seg, clip, library, args.targets or target_domains(), grid, args.methods, args.out,
-                         device=args.device, progress=not args.quiet)
+    models = _models(args, _library(args))
+    load_models(models), library_model(models)
+    with _engine(args) as engine:
+        table = ablate(args.targets or target_domains(), models, grid, args.methods, args.out, engine,
+                       progress=not args.quiet)
     print(table.to_string(index=False))
 
 
@@ -210,13 +230,13 @@ def _adapter_config(args, **fixed):
 
 
 def cmd_train_adapter(args):
-    from .assets import base_model_id, load_segmenter, source_replay
+    from .assets import base_model_id, load_segmenter
     from .clip import embed_class_names, load_clip
+    from .pipeline import source_replay
+    from .sources import load_split
     from .train import train_adapter
-    from .world.generate import generate, get_domain
     clip = load_clip(device=args.device)
-    spec = get_domain(args.domain)
-    data = generate(spec, "train")
+    data = load_split(args.domain, "train")
     cfg = _adapter_config(args)
     info = train_adapter(load_segmenter(clip=clip, device=args.device), embed_class_names(clip, data.class_names),
                          data.images, data.labels, args.out, base_model_id(), cfg, args.device,
@@ -224,33 +244,41 @@ def cmd_train_adapter(args):
     print(json.dumps(info, indent=1))
 
 
-def cmd_build_library(args):
-    """A library for the shipped CLIP and segmenter, built in a staging folder and moved to --out."""
-    from . import assets
-    from .runtime import assets_dir
-    out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is not an empty folder; choose a new one")
+def _replay_source(args, sources):
+    """What adapters replay: --replay-source, else the base-training source of the data (the mini world's
+    source domain, or COCO-Stuff for real data)."""
+    from .world.generate import SOURCE_DOMAIN
+    if args.replay_source:
+        return args.replay_source
+    return "real:coco_stuff" if any(s.startswith("real:") for s in sources) else SOURCE_DOMAIN
+
+
+def _grow(args, sources, out):
+    """build-library and add-domain: train one adapter per source into the library at `out` (pipeline.add_domains)."""
+    from .pipeline import add_domains
     cfg = _adapter_config(args)
-    with assets.staging(out, seed=assets_dir()) as tmp:
-        assets.build_library(tmp, cfg, args.domains, device=args.device, progress=not args.quiet)
-        assets.replace_path(tmp / "library", out)
-    print(f"wrote library of {len(args.domains)} domains to {out}" if args.domains else f"wrote {out}")
+    with _engine(args) as engine:
+        return add_domains(sources, out, _models(args), cfg, engine,
+                           replay_source=_replay_source(args, sources) if cfg.replay else None,
+                           max_images=args.max_images, image_size=args.image_size, progress=not args.quiet)
+
+
+def cmd_build_library(args):
+    """A library for the named CLIP and segmenter (default: the shipped ones) at --out; rerunning the
+    command on an interrupted build resumes it."""
+    from .world.generate import target_domains
+    sources = args.domains or target_domains()
+    built = _grow(args, sources, Path(args.out))
+    skipped = f" (kept {len(built['skipped'])} already there)" if built["skipped"] else ""
+    print(f"wrote library of {len(sources)} domains to {args.out}{skipped}")
 
 
 def cmd_add_domain(args):
-    from .assets import add_domain, load_segmenter
-    from .clip import load_clip
     from .library import AdapterLibrary
-    from .world.generate import generate, get_domain
-    library = AdapterLibrary(args.library)
-    clip = load_clip(device=args.device)
-    spec = get_domain(args.domain)
-    lora = library.lora_config
-    cfg = _adapter_config(args, r=lora["r"], lora_alpha=lora["lora_alpha"], target_modules=lora["target_modules"])
-    add_domain(library, spec.name, generate(spec, "train"), load_segmenter(clip=clip, device=args.device), clip, cfg,
-               device=args.device, progress=not args.quiet)
-    print(f"added {spec.name} to {args.library} ({len(library)} domains)")
+    built = _grow(args, args.domain, Path(args.library))
+    for name in built["skipped"]:
+        print(f"{name} is already in {args.library}; left as is")
+    print(f"added {', '.join(built['added']) or 'nothing'} to {args.library} ({len(AdapterLibrary(args.library))} domains)")
 
 
 def cmd_scale(args):
@@ -352,14 +380,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True)
     t.set_defaults(func=cmd_train_adapter)
 
-    bl = sub.add_parser("build-library", help="train adapters for domains into a new library folder")
+    bl = sub.add_parser("build-library", help="train adapters for domains into a library folder (resumes one)")
     bl.add_argument("--out", required=True)
-    bl.add_argument("--domains", nargs="*", help="default: every shipped target domain")
+    bl.add_argument("--domains", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain> "
+                                                 "(default: every shipped target domain)")
     bl.set_defaults(func=cmd_build_library)
 
-    ad = sub.add_parser("add-domain", help="train an adapter for a new domain and add it to a library")
+    ad = sub.add_parser("add-domain", help="train adapters for new domains and add them to a library")
     ad.add_argument("--library", required=True)
-    ad.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
+    ad.add_argument("--domain", required=True, nargs="+",
+                    help="shipped domain names, spec .yaml files, dataset folders or real:<domain>")
     ad.set_defaults(func=cmd_add_domain)
     sc = sub.add_parser("scale", help="grow libraries from a random domain pool; h-mean against library size")
     sc.add_argument("--out", required=True, help="study folder (created; a rerun reuses its adapters and results)")
@@ -387,6 +417,20 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
         q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
         q.add_argument("--seed", type=int, default=0)
+    for q in (bl, ad):
+        q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")
+        q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
+        q.add_argument("--checkpoint", help="local CLIP weights (.safetensors, or a weights-only torch file)")
+        q.add_argument("--segmenter", help="base segmenter weights (default: the shipped one)")
+        q.add_argument("--image-size", type=int, help="resize dataset-folder and real images to this size")
+        q.add_argument("--max-images", type=int, help="training images per domain (default: all)")
+        q.add_argument("--replay-source", help="what adapters replay (default: source, or real:coco_stuff for "
+                                               "real domains)")
+    for q in (b, e, a, bl, ad):
+        q.add_argument("--ray", action="store_true", help="run every adapter training / target evaluation as a "
+                                                          "Ray task (a local cluster unless --ray-address)")
+        q.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS); implies --ray")
+        q.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
 
     for q in sub.choices.values():
         q.add_argument("--quiet", action="store_true", help="no progress bars")

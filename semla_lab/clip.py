@@ -95,8 +95,9 @@ class Clip:
     def embed_dim(self) -> int:
         return int(self.model.visual.output_dim)
 
-    def identity(self, normalize: bool) -> dict:
-        """What a library records about its embedding model, to refuse mismatched queries."""
+    def identity(self, normalize: bool = True) -> dict:
+        """What a library records about its embedding model, to refuse mismatched queries; `normalize`:
+        whether its centroids and queries are L2-normalised (True for every library semla_lab builds)."""
         return {"model": self.name, "pretrained": Path(self.pretrained).name if Path(self.pretrained).suffix
                 else self.pretrained, "image_size": self.image_size, "normalize": normalize, "dim": self.embed_dim}
 
@@ -184,6 +185,30 @@ def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = 
     if not torch.isfinite(emb).all():
         raise UsageError("CLIP produced non-finite embeddings; check the input images for NaN/inf")
     return emb
+
+
+def index_embeddings(clip: Clip, images: torch.Tensor, embedder: dict) -> torch.Tensor:
+    """Image embeddings (N, D) as a library index built with `embedder` (a Clip.identity) holds them:
+    L2-normalised or not. Centroids are written and queries embedded through here only."""
+    return embed_images(clip, images, normalize=embedder.get("normalize", True))
+
+
+def check_embedder(clip: Clip, embedder: dict, where: str) -> None:
+    """A UsageError unless `clip` is the embedding model recorded in `embedder` (a library's)."""
+    if clip.identity(embedder.get("normalize", True)) != embedder:
+        raise UsageError(f"{where} was built with embedder {embedder}, not {clip.identity()}")
+
+
+def try_load_clip(name: str, pretrained: str | None = None, checkpoint: str | Path | None = None,
+                  offline: bool = True, device=None) -> tuple[Clip | None, str]:
+    """(Clip, "loaded ...") when the weights are available (offline: local cache or checkpoint only),
+    else (None, the ClipLoadError message telling what to do). open_clip's own log lines are muted."""
+    try:
+        with muted_open_clip_logs():
+            clip = load_clip(name, pretrained=pretrained, checkpoint=checkpoint, device=device, offline=offline)
+    except ClipLoadError as e:
+        return None, str(e)
+    return clip, f"loaded {name} ({clip.pretrained}): image size {clip.image_size}, embedding dim {clip.embed_dim}"
 
 
 @torch.no_grad()

@@ -1,19 +1,13 @@
 """Experiments: the leave-one-out benchmark of the paper's Table 1, and ablations over its knobs.
 
-Methods (leave-one-out: the target's own adapter is excluded from every method but the oracle):
-  zero_shot      the base segmenter, no adapter
-  oracle         the target domain's own adapter
-  uniform        all other adapters merged with equal weights (cat)
-  semla          per-image top-K retrieval, softmax(1/d / tau) weights, weight-level fusion
-  semla_late     the same adapters and weights, mixing output probabilities instead
-  uniform_late   all other adapters, equal weights, output-level
-Notebooks 06 and 07 present the results.
+The methods compared (zero-shot, uniform, SemLA, late fusion, oracle) live in methods.py; leave-one-out
+excludes the target's own adapter from every method but the oracle. Targets are data sources
+(sources.py). Notebooks 06 and 07 present the results.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,16 +15,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .clip import Clip, embed_class_names, embed_images
+from .clip import Clip, embed_class_names
 from .data import atomic_write_bytes, atomic_write_json
-from .errors import UnknownNameError, UsageError
+from .errors import UsageError
+from .fusion import FUSION_TYPES
+from .methods import METHODS, check_methods, predict_batch
 from .metrics import MIoU, harmonic_mean, paired_bootstrap
 from .predictor import LibraryModel
-from .retrieval import RetrievalConfig, retrieve
+from .retrieval import RetrievalConfig
 from .runtime import model_device
-
-METHODS = ("zero_shot", "uniform", "semla", "semla_late", "uniform_late", "oracle")
-FUSIONS = ("cat", "linear")
+from .sources import load_target
+from .split import Split
 
 
 @dataclass(frozen=True)
@@ -47,8 +42,8 @@ class EvalConfig:
 
     def __post_init__(self):
         RetrievalConfig(self.k, self.tau, self.metric, self.weighting)   # validates
-        if self.fusion not in FUSIONS:
-            raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSIONS}")
+        if self.fusion not in FUSION_TYPES:
+            raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_TYPES}")
         if self.batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {self.batch_size}")
 
@@ -57,74 +52,9 @@ class EvalConfig:
         return RetrievalConfig(self.k, self.tau, self.metric, self.weighting)
 
 
-@dataclass
-class Target:
-    """Test images of one target domain: uint8 images (N, 3, H, W), labels (N, H, W), class names."""
-    name: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    class_names: list[str]
-    ids: list[str]
-    scene: dict[str, float] = dataclasses.field(default_factory=dict)   # scene kind mixture, where known
-
-
-def load_target(target: str, max_images: int | None = None, image_size: int | None = None,
-                split: str = "test") -> Target:
-    """A shipped domain name, a domain spec file (.yaml), a dataset folder with a manifest.json, or
-    "real:<domain>" for a real dataset described in data_manifests/real/. Dataset and real images
-    are resized to `image_size` when given. `split` picks a mini-world domain's split (the held-out
-    "val" split serves tuning, "test" reporting)."""
-    from .world.generate import generate, get_domain
-    path = Path(target)
-    if target.startswith("real:"):
-        from .real_data import RealDataset, real_domains
-        domain = target.removeprefix("real:")
-        if domain not in real_domains():
-            raise UnknownNameError(f"unknown real domain {domain!r}; known: {', '.join(real_domains())}")
-        ds = RealDataset(real_domains()[domain][0], split="val", domain=domain, max_samples=max_images)
-        return stack_items(domain, (ds[i] for i in range(len(ds))), ds.classes, image_size)
-    if path.is_dir():
-        from .data import SegmentationDataset
-        ds = SegmentationDataset(path, split="test") if _has_split(path, "test") else SegmentationDataset(path)
-        items = [ds[i] for i in range(min(len(ds), max_images or len(ds)))]
-        return stack_items(ds.name, items, ds.classes, image_size)
-    spec = get_domain(target)
-    count = max_images if max_images is not None else spec.splits.get("test", 0)
-    data = generate(spec, split, count, image_size)
-    if len(data) == 0:
-        raise UsageError(f"target domain {spec.name!r} has no {split} images (splits: {spec.splits})")
-    return Target(spec.name, data.images, data.labels, spec.class_names, data.ids, dict(spec.scene))
-
-
-def _has_split(path: Path, split: str) -> bool:
-    from .data import read_manifest
-    return any(s.get("split") == split for s in read_manifest(path)["samples"])
-
-
-def stack_items(name: str, items, classes, size: int | None = None) -> Target:
-    """Dataset items (see data.py) as one Target, resized to size x size when given (bilinear images,
-    nearest labels) so that images of several sizes stack."""
-    import torch.nn.functional as F
-    images, labels, ids = [], [], []
-    for it in items:
-        img, lab = it["image"][None], it["label"][None, None].float()
-        if size is not None:
-            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            lab = F.interpolate(lab, size=(size, size), mode="nearest")
-        images.append((img[0].clamp(0, 1) * 255).round().to(torch.uint8))
-        labels.append(lab[0, 0].long())
-        ids.append(it["id"])
-    if not images:
-        raise UsageError(f"target {name!r} has no images")
-    sizes = {tuple(t.shape) for t in images}
-    if len(sizes) != 1:
-        raise UsageError(f"target {name!r} mixes image sizes {sorted(sizes)[:3]}; pass an image size to resize")
-    return Target(name, torch.stack(images), torch.stack(labels), list(classes), ids)
-
-
 @torch.no_grad()
 def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
-    """mIoU (0-100) of a segmenter (no adaptation) on a DomainSplit or Target, with its own class names,
+    """mIoU (0-100) of a segmenter (no adaptation) on a Split, with its own class names,
     computed on the model's device."""
     device = model_device(model)
     text = embed_class_names(clip, data.class_names).to(device)
@@ -135,59 +65,36 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
     return meter.compute()["miou"]
 
 
-def evaluate_target(engine: LibraryModel, clip: Clip, target: Target, methods=METHODS,
-                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None
+def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=METHODS,
+                    cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None, leave_one_out: bool = True
                     ) -> tuple[dict[str, float], list[dict]]:
-    """mIoU per method on one target domain, and one selection record per image. With `image_confusions`
-    (a dict), also fills it with each method's per-image confusion matrices (N, C, C) for the bootstrap."""
+    """mIoU per method on one target domain, and one selection record per image. Leave-one-out excludes
+    the target's own adapter when the library holds it; without it, retrieval sees the whole library
+    (deployment after adding a domain). With `image_confusions` (a dict), also fills it with each
+    method's per-image confusion matrices (N, C, C) for the bootstrap."""
+    check_methods(methods)
     names = engine.names
-    in_library = target.name in names
-    exclude = [target.name] if in_library else []
-    others = torch.tensor([i for i, n in enumerate(names) if n not in exclude])
-    normalize = engine.library.embedder.get("normalize", True)
+    exclude = [target.name] if leave_one_out and target.name in names else []
     text = embed_class_names(clip, target.class_names)
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
-              for m in methods if m != "oracle" or in_library}
+              for m in methods if m != "oracle" or target.name in names}
     records = []
-    centroids = engine.library.centroids(names)
     for start in range(0, len(target.images), cfg.batch_size):
-        x = target.images[start:start + cfg.batch_size].float().div(255)
+        x = target.images[start:start + cfg.batch_size]
         y = target.labels[start:start + cfg.batch_size].long()
         n = len(x)
-        t0 = time.perf_counter()
-        emb = embed_images(clip, x, normalize=normalize)
-        t1 = time.perf_counter()
-        ret = retrieve(emb, centroids, names, cfg.retrieval, exclude=exclude)
-        t2 = time.perf_counter()
-        all_idx = others.expand(n, -1)
-        all_w = torch.full(all_idx.shape, 1.0 / len(others))
-        timings = {}
-        for m in meters:
-            ts = time.perf_counter()
-            if m == "zero_shot":
-                out = engine.logits(x, text)
-            elif m == "oracle":
-                out = engine.logits(x, text, torch.full((n, 1), names.index(target.name)), torch.ones(n, 1))
-            elif m == "uniform":
-                out = engine.logits(x, text, all_idx, all_w)
-            elif m == "semla":
-                out = engine.logits(x, text, ret.indices, ret.weights, cfg.fusion)
-            elif m == "semla_late":
-                out = engine.late_logits(x, text, ret.indices, ret.weights)
-            elif m == "uniform_late":
-                out = engine.late_logits(x, text, all_idx, all_w)
-            else:
-                raise UsageError(f"unknown method {m!r}; expected some of {METHODS}")
-            meters[m].update(out.argmax(1).cpu(), y)
-            timings[m] = time.perf_counter() - ts
+        masks, ret, seconds = predict_batch(engine, clip, x, text, list(meters), cfg.retrieval, cfg.fusion,
+                                            own=target.name, exclude=exclude)
+        for m, mask in masks.items():
+            meters[m].update(mask, y)
         for i in range(n):
             records.append({
                 "image_id": target.ids[start + i], "target": target.name,
                 "distances": {d: round(float(v), 5) for d, v in zip(names, ret.distances[i])},
                 "chosen": [names[j] for j in ret.indices[i].tolist()],
                 "weights": [round(float(w), 5) for w in ret.weights[i]],
-                "ms": {"embed": 1000 * (t1 - t0) / n, "retrieve": 1000 * (t2 - t1) / n,
-                       **{f"predict_{m}": 1000 * t / n for m, t in timings.items()}},
+                "ms": {"embed": 1000 * seconds["embed"] / n, "retrieve": 1000 * seconds["retrieve"] / n,
+                       **{f"predict_{m}": 1000 * seconds[m] / n for m in masks}},
             })
     if image_confusions is not None:
         image_confusions.update({m: meter.image_confusions for m, meter in meters.items()})
@@ -261,32 +168,58 @@ def format_table(results: dict) -> str:
         return table.to_string()
 
 
+@dataclass
+class TargetResult:
+    """One target's benchmark outcome: mIoU per method, selection records, image count and per-image
+    confusions (for the bootstrap). Small enough to come back from a Ray task."""
+    name: str
+    scores: dict[str, float]
+    records: list[dict]
+    count: int
+    confusions: dict[str, torch.Tensor]
+
+
+def benchmark_target(model: LibraryModel, clip: Clip, source: str, methods=METHODS,
+                     cfg: EvalConfig = EvalConfig()) -> TargetResult:
+    """Load one target (a data source name, see sources.py) and evaluate it leave-one-out."""
+    target = load_target(source, cfg.max_images, cfg.image_size)
+    confusions = {}
+    scores, records = evaluate_target(model, clip, target, methods, cfg, confusions)
+    return TargetResult(target.name, scores, records, len(target.images), confusions)
+
+
+def benchmark_payload(outcomes: list[TargetResult], library, targets: list[str], methods=METHODS,
+                      cfg: EvalConfig = EvalConfig()) -> dict:
+    """results.json: per-method results, gap closed, bootstrap intervals and the run's configuration."""
+    results = summarize({o.name: o.scores for o in outcomes}, {o.name: o.count for o in outcomes})
+    return {"results": results, "gap_closed": gap_closed(results),
+            "bootstrap": bootstrap_intervals({o.name: o.confusions for o in outcomes}),
+            "config": {**asdict(cfg), "methods": list(methods), "targets": targets,
+                       "library": {"root": Path(library.root).name, "domains": library.names(),
+                                   "embedder": library.embedder, "base_model": library.base_model}}}
+
+
+def write_benchmark(out_dir: str | Path, payload: dict, records: list[dict]) -> None:
+    """results.json and selections.jsonl (one record per test image) into `out_dir`, each atomically."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "results.json", payload)
+    atomic_write_bytes(out / "selections.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
+
 def run_benchmark(segmenter, clip: Clip, library, targets: list[str], methods=METHODS,
                   cfg: EvalConfig = EvalConfig(), out_dir: str | Path | None = None, device=None,
                   progress: bool = True) -> dict:
-    """Leave-one-out evaluation of `methods` on `targets`; writes results.json and selections.jsonl
-    to `out_dir` when given. Returns the results dict."""
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise UsageError(f"unknown method(s) {sorted(unknown)}; expected some of {METHODS}")
-    engine = LibraryModel(segmenter, library, device)
-    per_domain, counts, records, confusions = {}, {}, [], {}
-    for name in tqdm(targets, desc="targets", disable=not progress):
-        target = load_target(name, cfg.max_images, cfg.image_size)
-        confusions[target.name] = {}
-        per_domain[target.name], recs = evaluate_target(engine, clip, target, methods, cfg, confusions[target.name])
-        counts[target.name] = len(target.images)
-        records += recs
-    results = summarize(per_domain, counts)
-    payload = {"results": results, "gap_closed": gap_closed(results), "bootstrap": bootstrap_intervals(confusions),
-               "config": {**asdict(cfg), "methods": list(methods), "targets": targets,
-                          "library": {"root": Path(library.root).name, "domains": library.names(),
-                                      "embedder": library.embedder, "base_model": library.base_model}}}
+    """Leave-one-out evaluation of `methods` on `targets`, one after the other in this process (the
+    pipeline runs the same steps as Ray tasks); writes results.json and selections.jsonl to `out_dir`
+    when given. Returns the results dict."""
+    check_methods(methods)
+    model = LibraryModel(segmenter, library, device)
+    outcomes = [benchmark_target(model, clip, name, methods, cfg)
+                for name in tqdm(targets, desc="targets", disable=not progress)]
+    payload = benchmark_payload(outcomes, library, targets, methods, cfg)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "results.json", payload)
-        atomic_write_bytes(out / "selections.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+        write_benchmark(out_dir, payload, [r for o in outcomes for r in o.records])
     return payload
 
 
@@ -302,32 +235,52 @@ def ablation_grid(**axes) -> list[EvalConfig]:
     return [EvalConfig(**dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
 
 
+def ablate_target(model: LibraryModel, clip: Clip, source: str, configs: list[EvalConfig],
+                  methods=("semla",)) -> list[dict[str, float]]:
+    """mIoU per method on one target for each config (the target loaded once per image count and size)."""
+    loaded, out = {}, []
+    for cfg in configs:
+        key = (cfg.max_images, cfg.image_size)
+        if key not in loaded:
+            loaded[key] = load_target(source, cfg.max_images, cfg.image_size)
+        out.append(evaluate_target(model, clip, loaded[key], methods, cfg)[0])
+    return out
+
+
+def ablation_tables(per_target: dict[str, list[dict[str, float]]], configs: list[EvalConfig],
+                    methods=("semla",)) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One row per (config, method): the knobs, h-mean and mean mIoU over the targets; and the tidy
+    per-domain table. `per_target[name][i]` holds the scores of config i."""
+    rows, tidy = [], []
+    for i, cfg in enumerate(configs):
+        knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images", "image_size")}
+        per_domain = {d: scores[i] for d, scores in per_target.items()}
+        for m in methods:
+            scores = [per_domain[d][m] for d in per_domain if m in per_domain[d]]
+            rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),
+                         "mean": round(sum(scores) / len(scores), 2)})
+            tidy += [{**knobs, "method": m, "domain": d, "miou": round(per_domain[d][m], 2)}
+                     for d in per_domain if m in per_domain[d]]
+    return pd.DataFrame(rows), pd.DataFrame(tidy)
+
+
+def write_ablation(out_dir: str | Path, table: pd.DataFrame, tidy: pd.DataFrame) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
+    atomic_write_bytes(out / "ablation_tidy.csv", tidy.to_csv(index=False).encode())
+
+
 def run_ablation(segmenter, clip: Clip, library, targets: list[str], configs: list[EvalConfig],
                  methods=("semla",), out_dir: str | Path | None = None, device=None, progress=True) -> pd.DataFrame:
     """One row per (config, method): the knobs, h-mean and mean mIoU; also a tidy CSV of per-domain
     scores (`ablation_tidy.csv`) for plotting."""
-    rows, tidy = [], []
-    engine = LibraryModel(segmenter, library, device)
-    loaded = {}
-    for cfg in tqdm(configs, desc="ablation", disable=not progress):
-        per_domain = {}
-        for name in targets:
-            key = (name, cfg.max_images, cfg.image_size)
-            loaded.setdefault(key, load_target(name, cfg.max_images, cfg.image_size))
-            per_domain[name], _ = evaluate_target(engine, clip, loaded[key], methods, cfg)
-        knobs = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "max_images", "image_size")}
-        for m in methods:
-            scores = [per_domain[d][m] for d in targets if m in per_domain[d]]
-            rows.append({**knobs, "method": m, "hmean": round(harmonic_mean(scores), 2),
-                         "mean": round(sum(scores) / len(scores), 2)})
-            tidy += [{**knobs, "method": m, "domain": d, "miou": round(per_domain[d][m], 2)}
-                     for d in targets if m in per_domain[d]]
-    table = pd.DataFrame(rows)
+    model = LibraryModel(segmenter, library, device)
+    per_target = {name: ablate_target(model, clip, name, configs, methods)
+                  for name in tqdm(targets, desc="ablation", disable=not progress)}
+    table, tidy = ablation_tables(per_target, configs, methods)
     if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
-        atomic_write_bytes(out / "ablation_tidy.csv", pd.DataFrame(tidy).to_csv(index=False).encode())
+        write_ablation(out_dir, table, tidy)
     return table
 
 

@@ -5,7 +5,7 @@ update, y = W x + (alpha / r) * B (A x), with A (r, in) Kaiming-uniform initiali
 and loralib) and B (out, r) zero, so a fresh adapter starts as the base layer. Everything else in
 semla_lab uses peft's LoRA; notebook 02 checks that the two agree. The remaining helpers count
 parameters, show why a LoRA target must be called as a module (nn.MultiheadAttention's dead
-`out_proj`), and load / describe / evaluate one adapter folder (notebook 03).
+`out_proj`), and load / describe one adapter folder (notebook 03).
 """
 from __future__ import annotations
 
@@ -124,18 +124,10 @@ def describe_adapter(adapter_dir: str | Path) -> dict:
             "modules": len({k.rsplit(".lora_", 1)[0] for k in state})}
 
 
-def adapter_transfer(segmenter: nn.Module, clip, adapter_dir: str | Path, domains: list[str],
-                     max_images: int = 40, batch_size: int = 40):
-    """mIoU of the base segmenter and of base + one adapter on the test split of each domain
-    (first `max_images` images). Returns a DataFrame indexed by domain: zero_shot, adapted, gain."""
+def lora_target_table(model: torch.nn.Module, pattern: str | None = None, r: int = 8) -> pd.DataFrame:
+    """The nn.Linear modules a peft LoRA with regex `pattern` (default segmenter.LORA_TARGETS) would
+    adapt: in/out features and the LoRA parameters r * (in + out) each."""
     import pandas as pd
-    from .experiments import evaluate_model
-    from .world.generate import generate, get_domain
-    adapted = load_adapter(segmenter, adapter_dir)
-    rows = {}
-    for name in domains:
-        data = generate(get_domain(name), "test", max_images)
-        zs = evaluate_model(segmenter, clip, data, batch_size)
-        ad = evaluate_model(adapted, clip, data, batch_size)
-        rows[name] = {"zero_shot": zs, "adapted": ad, "gain": ad - zs}
-    return pd.DataFrame.from_dict(rows, orient="index")
+    rows = [{"module": n, "in": m.in_features, "out": m.out_features, "lora params": r * (m.in_features + m.out_features)}
+            for n, m in lora_targets(model, pattern or LORA_TARGETS).items()]
+    return pd.DataFrame(rows, columns=["module", "in", "out", "lora params"])

@@ -33,7 +33,7 @@ def sample_grid(splits: list, per_domain: int = 3, overlay_alpha: float = 0.55):
         for i in range(per_domain):
             axes[r, 2 * i].imshow(split.images[i].permute(1, 2, 0).numpy())
             axes[r, 2 * i + 1].imshow(overlay(split.images[i], split.labels[i], overlay_alpha))
-        axes[r, 0].set_ylabel(split.spec.name, rotation=0, ha="right", va="center", fontsize=8)
+        axes[r, 0].set_ylabel(split.name, rotation=0, ha="right", va="center", fontsize=8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .clip import Clip, embed_class_names, embed_images
+from .clip import Clip, embed_class_names, index_embeddings
 from .data import read_image
 from .fusion import FusedAdapters
 from .errors import UsageError
@@ -35,6 +35,10 @@ class LibraryModel:
         self.library = library
         self.fused = FusedAdapters(self.model, {n: (library.load_adapter_state(n), scaling) for n in library.names()})
         self.names = self.fused.names
+
+    def embed(self, clip: Clip, images: torch.Tensor) -> torch.Tensor:
+        """Query embeddings (N, D) of images, as the library's centroids were made."""
+        return index_embeddings(clip, images, self.library.embedder)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor, text: torch.Tensor, indices: torch.Tensor | None = None,
@@ -89,7 +93,6 @@ class SemLAPredictor:
                  fusion: str = "cat", device=None):
         self.clip, self.library, self.config, self.fusion = clip, library, config, fusion
         self.model = LibraryModel(segmenter, library, device)
-        self.normalize = library.embedder.get("normalize", True)
         self._image: torch.Tensor | None = None
         self.retrieval: Retrieval | None = None
 
@@ -107,7 +110,7 @@ class SemLAPredictor:
     def set_image(self, image, exclude=()) -> Retrieval:
         """Embed and retrieve once for this image; `exclude` leaves named domains out (leave-one-out)."""
         self._image = as_image_tensor(image)
-        embedding = embed_images(self.clip, self._image[None], normalize=self.normalize)
+        embedding = self.model.embed(self.clip, self._image[None])
         self.retrieval = retrieve(embedding, self.library.centroids(self.model.names), self.model.names,
                                   self.config, exclude=exclude)
         return self.retrieval

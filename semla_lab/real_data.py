@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+import pandas as pd
 import torch
 import yaml
 from PIL import Image
@@ -298,3 +299,33 @@ class RealDataset(Dataset):
         label = np.full(raw.shape, IGNORE_INDEX, dtype=np.int64)
         label[inside] = self._lut[raw[inside]]
         return {"image": image, "label": torch.from_numpy(label), "id": sample_id, "domain": domain}
+
+
+def _display_path(path: Path) -> str:
+    """A path relative to the working folder when it lies inside it (stable notebook output)."""
+    try:
+        return str(Path(path).absolute().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def real_data_status(datasets: Sequence[str] | None = None) -> pd.DataFrame:
+    """One row per real dataset (default: the 10 of the benchmark): its domains, the env var of its
+    root, the folder looked in (relative to the working folder when inside it) and whether it exists."""
+    rows = {}
+    for name in datasets or TARGET_DATASETS:
+        spec = load_real_spec(name)
+        root = dataset_root(spec)
+        rows[name] = {"domains": ", ".join(spec.domains), "classes": len(spec.classes), "env var": spec.root_env,
+                      "looked in": _display_path(root), "present": root.is_dir()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def missing_data_message(dataset: str, domain: str | None = None, split: str = "val") -> str | None:
+    """The MissingDataError message a user sees when `dataset` is absent (None when it loads), with the
+    working folder shown as '.'."""
+    try:
+        RealDataset(dataset, split=split, domain=domain, max_samples=1)
+    except MissingDataError as e:
+        return str(e).replace(str(Path.cwd().absolute()), ".")
+    return None

@@ -1,6 +1,8 @@
-"""Run-time settings: torch threads (SEMLA_THREADS), device choice, seeds, and where assets live."""
+"""Run-time settings: torch threads (SEMLA_THREADS), device choice, seeds, where assets live, and the
+known harmless log messages that notebooks silence."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 from pathlib import Path
@@ -61,3 +63,21 @@ def seed_everything(seed: int) -> torch.Generator:
 def assets_dir() -> Path:
     """The shipped artifacts (tiny CLIP, base segmenter, adapter library), or $SEMLA_ASSETS."""
     return Path(os.environ.get("SEMLA_ASSETS") or Path(__file__).parent / "assets")
+
+
+def quiet_known_warnings() -> None:
+    """Silence two known, harmless messages in notebooks: open_clip's log line when an architecture is
+    built without pretrained weights (on purpose here), and peft's note that it replaced the adapter
+    config's base model name (the library records the base model itself)."""
+    import warnings
+    warnings.filterwarnings("ignore", message=r"The PEFT config's `base_model_name_or_path` was renamed")
+    root = logging.getLogger()
+    if not any(isinstance(f, _KnownMessages) for f in root.filters):
+        root.addFilter(_KnownMessages())
+
+
+class _KnownMessages(logging.Filter):
+    MESSAGES = ("No pretrained weights loaded for model",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(m in record.getMessage() for m in self.MESSAGES)

@@ -10,7 +10,8 @@ states the properties that real LoRA libraries have and a stand-in library shoul
   oracle   h-mean of each target's own adapter minus the zero-shot h-mean
   scene    indoor-only targets whose most retrieved domain is street-only (should be none)
 
-Notebook 07 draws the matrix; `semla-lab transfer` writes it.
+Notebook 07 draws the matrix; `semla-lab transfer` writes it. `adapter_transfer` is the same view for one
+adapter folder (notebook 03).
 """
 from __future__ import annotations
 
@@ -21,12 +22,14 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .clip import embed_class_names, embed_images
+from .clip import embed_class_names
 from .data import atomic_write_json
-from .experiments import load_target
+from .experiments import evaluate_model
+from .lora import load_adapter
 from .metrics import MIoU, harmonic_mean
 from .predictor import LibraryModel
 from .retrieval import RetrievalConfig, retrieve
+from .sources import load_split, load_target
 
 
 @torch.no_grad()
@@ -35,7 +38,6 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
     retrieval on one target; `top1_domains` counts which domain each image retrieved."""
     names = engine.names
     others = [i for i, n in enumerate(names) if n != target.name]
-    normalize = engine.library.embedder.get("normalize", True)
     text = embed_class_names(clip, target.class_names)
     keys = ["zero_shot", "uniform", "top1", *names]
     meters = {k: MIoU(len(target.class_names)) for k in keys}
@@ -44,7 +46,7 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
         x = target.images[start:start + batch_size].float().div(255)
         y = target.labels[start:start + batch_size].long()
         n = len(x)
-        emb = embed_images(clip, x, normalize=normalize)
+        emb = engine.embed(clip, x)
         top1 = retrieve(emb, centroids, names, RetrievalConfig(k=1),
                         exclude=[target.name] if target.name in names else []).indices
         chosen.update(names[i] for i in top1[:, 0].tolist())
@@ -119,3 +121,17 @@ def format_transfer(summary: dict) -> str:
     if "oracle_gain" in summary:
         lines.append(f"own adapter h-mean {summary['oracle_hmean']:.1f} = zero-shot {summary['oracle_gain']:+.1f}")
     return "\n".join(lines)
+
+
+def adapter_transfer(segmenter: torch.nn.Module, clip, adapter_dir: str | Path, domains: list[str],
+                     max_images: int = 40, batch_size: int = 40):
+    """mIoU of the base segmenter and of base + one adapter on the test split of each domain
+    (first `max_images` images). Returns a DataFrame indexed by domain: zero_shot, adapted, gain."""
+    adapted = load_adapter(segmenter, adapter_dir)
+    rows = {}
+    for name in domains:
+        data = load_split(name, "test", max_images)
+        zs = evaluate_model(segmenter, clip, data, batch_size)
+        ad = evaluate_model(adapted, clip, data, batch_size)
+        rows[name] = {"zero_shot": zs, "adapted": ad, "gain": ad - zs}
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -1,13 +1,15 @@
-"""Rebuilds are atomic: `semla-lab build` and `build-library` write into a staging folder and replace the
-artifacts only once every stage has finished; an interrupted rebuild leaves the previous ones intact."""
+"""Rebuilds are atomic: `semla-lab build` writes into a staging folder and replaces the artifacts only once
+every stage has finished, so an interrupted rebuild leaves the previous ones intact; `build-library`
+commits adapter by adapter, so an interrupted one leaves a library of what was committed and a rerun
+completes it."""
 import json
 
 import pytest
 
-from semla_lab import assets
+from semla_lab import assets, pipeline
 from semla_lab.cli import main
 from semla_lab.library import AdapterLibrary
-from semla_lab.reports import adapter_fingerprints
+from semla_lab.fingerprints import adapter_fingerprints
 
 pytestmark = pytest.mark.slow
 
@@ -27,14 +29,14 @@ def snapshot(root):
 
 
 def interrupt_after_first_adapter(monkeypatch):
-    real, calls = assets.train_adapter, []
+    real, calls = pipeline.train_adapter, []
 
     def train_adapter(*args, **kwargs):
         if calls:
             raise KeyboardInterrupt("killed during the second adapter")
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr(assets, "train_adapter", train_adapter)
+    monkeypatch.setattr(pipeline, "train_adapter", train_adapter)
 
 
 def no_leftovers(folder):
@@ -64,16 +66,19 @@ def test_completed_rebuild_replaces_the_library(built, capsys):
     assert no_leftovers(built) == [] and no_leftovers(built / "library") == []
 
 
-def test_build_library_writes_out_only_when_complete(monkeypatch, tmp_path, capsys):
+def test_interrupted_build_library_keeps_what_it_committed_and_resumes(monkeypatch, tmp_path, capsys):
     out = tmp_path / "lib"
     argv = ["build-library", "--out", str(out), "--domains", "nyu", "ade", "--steps", "1", "--quiet"]
     interrupt_after_first_adapter(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         main(argv)
-    assert not out.exists() and no_leftovers(out) == []
+    assert AdapterLibrary(out).names() == ["nyu"] and no_leftovers(out) == []
+    first = adapter_fingerprints(AdapterLibrary(out))
     monkeypatch.undo()
     assert main(argv) == 0
+    assert "kept 1 already there" in capsys.readouterr().out
     assert AdapterLibrary(out).names() == ["nyu", "ade"] and no_leftovers(out) == []
+    assert adapter_fingerprints(AdapterLibrary(out)).loc[["nyu"]].equals(first), "the resumed build left nyu alone"
 
 
 def test_replace_path_swaps_files_and_folders(tmp_path):

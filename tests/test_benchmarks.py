@@ -15,15 +15,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOP = {"benchmark", "env", "quick", "rows", "targets"}
 EXTRA = {"adaptation": {"embedder", "fusion", "profile", "candidates"}, "hetero_batch": {"notes"},
-         "embedding": set(), "retrieval": {"breakdown", "library_open"}}
+         "embedding": set(), "retrieval": {"breakdown", "library_open"}, "ray": {"adapters", "steps"}}
 ROW = {"adaptation": {"model", "batch", "measured", "median_s", "per_image_s", "ratio_to_base", "how"},
        "hetero_batch": {"model", "n", "method", "total_s", "per_image_s", "images_per_s", "fused_batch_speedup",
                         "max_abs_diff"},
        "embedding": {"model", "image_size", "n_images", "mode", "total_s", "images_per_s",
                      "speedup_vs_one_per_call"},
        "retrieval": {"n_centroids", "dim", "single_query_s", "batch64_per_query_s", "proposed_single_query_s",
-                     "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"}}
-TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s"}
+                     "centroid_bytes", "peak_rss_build_bytes", "peak_rss_batch64_call_bytes"},
+       "ray": {"mode", "startup_s", "build_s", "build_speedup", "loo_s", "loo_speedup", "end_to_end_s",
+               "overhead_per_task_s"}}
+TIME = {"adaptation": "median_s", "hetero_batch": "total_s", "embedding": "total_s", "retrieval": "single_query_s", "ray": "build_s"}
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
-from semla_lab.lora import (LoRALinear, adapter_transfer, describe_adapter, load_adapter, load_peft_factors,
+from semla_lab.lora import (LoRALinear, describe_adapter, load_adapter, load_peft_factors,
                             lora_output_change, parameter_counts)
 from semla_lab.segmenter import LiveAttention
 
@@ -92,6 +92,7 @@ def test_describe_load_and_transfer_a_saved_adapter(tmp_path, tiny_segmenter, ti
     x, text = torch.rand(1, 3, 64, 64), nn.functional.normalize(torch.randn(3, 64), dim=-1)
     with torch.no_grad():
         assert torch.allclose(load_adapter(tiny_segmenter, tmp_path)(x, text), model(x, text), atol=1e-5)
+    from semla_lab.transfer import adapter_transfer
     table = adapter_transfer(tiny_segmenter, tiny_clip_random, tmp_path, ["cityscapes"], max_images=2)
     assert list(table.columns) == ["zero_shot", "adapted", "gain"] and list(table.index) == ["cityscapes"]
     from semla_lab.experiments import evaluate_model

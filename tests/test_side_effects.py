@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from semla_lab import cli, reports
+from semla_lab import cli
+from semla_lab.clip import try_load_clip
 from semla_lab.clip import embed_class_names, embed_images, load_clip
 
 
@@ -45,7 +46,7 @@ def test_load_clip_mutes_only_open_clips_no_weights_line(caplog):
 def test_try_load_clip_keeps_logging_and_hub_settings(user_logging):
     import huggingface_hub.constants as hub
     before, offline, env = logging_state(user_logging), hub.HF_HUB_OFFLINE, os.environ.get("HF_HUB_OFFLINE")
-    clip, msg = reports.try_load_clip("ViT-B-16", pretrained="openai", device="cpu")   # not cached here
+    clip, msg = try_load_clip("ViT-B-16", pretrained="openai", device="cpu")   # not cached here
     assert clip is None and "could not load" in msg
     assert logging_state(user_logging) == before
     assert hub.HF_HUB_OFFLINE == offline and os.environ.get("HF_HUB_OFFLINE") == env

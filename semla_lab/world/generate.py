@@ -7,7 +7,6 @@ whatever the thread count or how many samples were asked for.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from ..errors import UnknownNameError, UsageError
 from ..manifests import manifests_dir
+from ..split import Split
 from .appearance import apply_camera, apply_time_of_day, apply_weather
 from .concepts import CONCEPT_ID, CONCEPTS, SCENE_KINDS, SCENE_WORDS, SYNONYMS
 from .scenes import RENDERERS, Canvas
@@ -27,29 +27,6 @@ SOURCE_DOMAIN = "source"
 # always made IDD retrieve COCONut, the other Indian-style domain, over every street domain (README,
 # "Faithful stand-ins", has the measurements).
 STYLE_MENTION = 0.3
-
-
-@dataclass
-class DomainSplit:
-    """One split of one domain, in memory. images (N, 3, S, S) uint8; labels (N, S, S) uint8 with
-    ids into `class_names` and 255 = ignore."""
-    spec: DomainSpec
-    split: str
-    images: torch.Tensor
-    labels: torch.Tensor
-    captions: list[str]
-    ids: list[str]
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.spec.class_names
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def float_images(self) -> torch.Tensor:
-        """(N, 3, S, S) float32 in [0, 1]."""
-        return self.images.float() / 255.0
 
 
 def _jittered(cv: Canvas, spec: DomainSpec, key: str) -> torch.Tensor:
@@ -126,8 +103,9 @@ def concept_to_class_lut(spec: DomainSpec) -> torch.Tensor:
 
 
 def generate(spec: DomainSpec, split: str = "train", count: int | None = None,
-             size: int | None = None) -> DomainSplit:
-    """The first `count` samples (default: the spec's split size) of a split, as uint8 tensors."""
+             size: int | None = None) -> Split:
+    """The first `count` samples (default: the spec's split size) of a split, as uint8 tensors, with the
+    spec's dataset, the real domain it plays, its factors and scene mixture as metadata."""
     if split not in SPLITS:
         raise UsageError(f"unknown split {split!r}; expected one of {SPLITS}")
     count = spec.splits.get(split, 0) if count is None else count
@@ -143,7 +121,9 @@ def generate(spec: DomainSpec, split: str = "train", count: int | None = None,
     captions = [cap for c in chunks for cap in c[2]][:count]
     labels = concept_to_class_lut(spec)[concept.long()]
     images = (imgs * 255).round().to(torch.uint8)
-    return DomainSplit(spec, split, images, labels, captions, [f"{spec.name}/{split}/{i:05d}" for i in range(count)])
+    ids = [f"{spec.name}/{split}/{i:05d}" for i in range(count)]
+    metadata = {"dataset": spec.dataset, "plays": spec.plays, "factors": dict(spec.factors), "scene": dict(spec.scene)}
+    return Split(spec.name, images, labels, spec.class_names, ids, metadata, captions)
 
 
 def mini_dir() -> Path:

@@ -190,3 +190,12 @@ def load_spec(path: str | Path, vocabularies: Mapping | None = None) -> DomainSp
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML ({e})") from None
     return validate_spec(raw, vocabularies, where=str(path))
+
+
+def write_spec(spec, path: str | Path) -> Path:
+    """Write a DomainSpec as a YAML spec file (vocabulary inline), loadable by world.generate.get_domain
+    and usable as a benchmark target (`semla-lab evaluate --targets path.yaml`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+    return path
