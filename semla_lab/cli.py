@@ -284,7 +284,6 @@ def cmd_add_domain(args):
 def cmd_scale(args):
     """The library-scaling study (scaling.run_scale) in --out; reruns reuse what is there."""
     from dataclasses import replace
-    from .engine import Engine
     from .experiments import EvalConfig
     from .plots import scaling_curves
     from .scaling import ScaleConfig, run_scale, scaling_table
@@ -293,11 +292,11 @@ def cmd_scale(args):
                       query_images=args.query_images)
     adapter = _adapter_config(args)
     eval_cfg = replace(EvalConfig(), max_images=args.max_images, k=args.k)
-    payload = run_scale(args.out, cfg, args.targets, adapter, eval_cfg,
-                        Engine(ray=args.ray, address=args.address, num_cpus=args.num_cpus),
-                        device=args.device, progress=not args.quiet)
+    payload = run_scale(args.out, cfg, args.targets, adapter, eval_cfg, _engine(args), device=args.device,
+                        progress=not args.quiet)
     table = scaling_table(payload)
-    print(table.pivot_table(index="size", columns=["method", "kind"], values="hmean", aggfunc="mean").round(1).to_string())
+    curves = table.pivot_table(index="size", columns=["method", "kind"], values="hmean", aggfunc="mean")
+    print(curves.round(1).to_string())
     scaling_curves(table, payload["oracle"]["hmean"] if payload["oracle"] else None).savefig(
         Path(args.out) / "scaling.png", dpi=110)
     t = payload["timing"]
@@ -393,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     ad.set_defaults(func=cmd_add_domain)
     sc = sub.add_parser("scale", help="grow libraries from a random domain pool; h-mean against library size")
     sc.add_argument("--out", required=True, help="study folder (created; a rerun reuses its adapters and results)")
-    sc.add_argument("--sizes", type=_csv(int), default=[5, 10, 20, 40, 80], help="library sizes (default: 5,10,20,40,80)")
+    sc.add_argument("--sizes", type=_csv(int), default=[5, 10, 20, 40, 80],
+                    help="library sizes (default: 5,10,20,40,80)")
     sc.add_argument("--pool-size", type=int, help="domains in the pool (default: the largest size)")
     sc.add_argument("--pool-seed", type=int, default=0)
     sc.add_argument("--orders", type=int, default=3, help="random orders, seeds 0..n-1 (default: 3)")
@@ -405,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlabelled training images per target that active growth sees (default: 50)")
     sc.add_argument("--k", type=int, default=5, help="adapters SemLA retrieves per image (default: 5)")
     sc.add_argument("--ray", action="store_true", help="run training and evaluation as Ray tasks")
-    sc.add_argument("--address", help="join this Ray cluster (implies --ray; default: $RAY_ADDRESS or a local one)")
+    sc.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS); implies --ray")
     sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
     sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")

@@ -1,33 +1,32 @@
 """The library-scaling study: zero-shot, the uniform merge and SemLA as an adapter library grows.
 
 A pool of random domains (world/pool.py) gets one adapter each, trained once with the shipped recipe
-(train.train_adapter, source replay included) into the pool library. Growth orders (growth.py: random
-orders with seeds 0, 1, ..., and active growth by target coverage) list the pool's domains; the library
-of size s in an order holds its first s domains, so libraries are nested and share the pool's adapters.
-Each is an ordinary library folder, evaluated on fixed held-out targets by experiments.run_benchmark;
-the targets' own adapters, in a library of their own, give the oracle. Training and evaluation are
-jobs (`train_job`, `evaluate_job`) that engine.Engine runs serially or as Ray tasks; the driver alone
-writes libraries. A rerun reuses what is on disk: the pool, trained adapters, libraries, and
-evaluations made with the same settings.
+(source replay included) into the pool library by the one pipeline (pipeline.add_domains). Growth
+orders (growth.py: random orders with seeds 0, 1, ..., and active growth by target coverage) list the
+pool's domains; the library of size s in an order holds its first s domains, so libraries are nested
+and share the pool's adapters. Each is an ordinary library folder, evaluated on fixed held-out targets by pipeline.evaluate; the
+targets' own adapters, in a library of their own, give the oracle. The pipeline's jobs (one per adapter,
+one per target) run on an engine.Engine, serially or as Ray tasks; the driver alone writes libraries. A
+rerun reuses what is on disk: the pool, trained adapters, libraries, and evaluations made with the same
+settings; another adapter recipe in the same folder is refused.
 
 Layout of a study folder:
     pool/                         the pool's spec files and vocabularies.yaml
+    recipe.json                   the adapter recipe every adapter of the study was trained with
     pool-library/                 one adapter per pool domain
     oracle-library/               one adapter per target, trained on its training split
     libraries/<order>-<size>/     the first <size> domains of <order>; full-<size> when that is the whole pool
-    evaluations/<library>/        results.json and selections.jsonl of run_benchmark
+    evaluations/<library>/        results.json and selections.jsonl of the benchmark
     scaling.json, scaling.png     the curves
 Notebook 11 presents the study.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -35,16 +34,18 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .assets import EMBED_NORMALIZE, base_model_id, load_segmenter, replace_path, source_replay
-from .clip import embed_class_names, embed_images, load_clip
+from .assets import replace_path
+from .clip import index_embeddings
 from .data import atomic_write_json
 from .engine import Engine
 from .errors import UsageError
-from .experiments import EvalConfig, run_benchmark
+from .experiments import EvalConfig
 from .growth import active_order, coverage_curve, random_order
 from .library import AdapterLibrary
+from .manifests import manifests_dir
+from .pipeline import Models, add_domains, evaluate, load_models
 from .runtime import resolve_device
-from .train import AdapterConfig, train_adapter
+from .train import AdapterConfig
 from .world.generate import generate, get_domain
 from .world.pool import domain_pool, read_pool, write_pool
 from .world.spec import DomainSpec, to_dict
@@ -75,69 +76,10 @@ class ScaleConfig:
         if self.query_images < 1:
             raise UsageError(f"query_images must be >= 1, got {self.query_images}")
 
-    @property
-    def orders(self) -> list[str]:
-        return [f"random-{s}" for s in range(self.random_orders)] + ([ACTIVE] if self.active else [])
-
-
-def spec_digest(spec: DomainSpec) -> str:
-    return hashlib.sha256(json.dumps(to_dict(spec), sort_keys=True).encode()).hexdigest()[:12]
-
 
 def library_name(order: str, size: int, pool_size: int) -> str:
     """Folder name of an order's library of `size` domains; all orders share the whole pool."""
     return f"full-{size:03d}" if size == pool_size else f"{order}-{size:03d}"
-
-
-# ---- jobs (run in this process or as Ray tasks) --------------------------------------------------
-
-@lru_cache(maxsize=2)
-def _models(device: str | None, replay: bool):
-    """The shipped CLIP and segmenter, the source replay set and the base model id, once per process."""
-    clip = load_clip(device=device)
-    segmenter = load_segmenter(clip=clip, device=device)
-    return clip, segmenter, source_replay(clip) if replay else None, base_model_id()
-
-
-@dataclass(frozen=True)
-class TrainJob:
-    """Train the adapter of the domain in `spec_file` into the empty folder `out_dir`."""
-    spec_file: str
-    out_dir: str
-    adapter: AdapterConfig
-    device: str | None = None
-
-
-def train_job(job: TrainJob) -> dict:
-    """Returns the domain's centroid (mean normalised CLIP embedding of its training images), image count,
-    final loss and seconds; the adapter is in job.out_dir."""
-    clip, segmenter, replay, base = _models(job.device, job.adapter.replay > 0)
-    data = generate(get_domain(job.spec_file), "train")
-    t0 = time.perf_counter()
-    info = train_adapter(segmenter, embed_class_names(clip, data.class_names), data.images, data.labels, job.out_dir,
-                         base, job.adapter, job.device, progress=False, replay=replay)
-    centroid = embed_images(clip, data.images, normalize=EMBED_NORMALIZE).mean(0)
-    return {"centroid": centroid.tolist(), "num_images": len(data), "final_loss": info["final_loss"],
-            "seconds": round(time.perf_counter() - t0, 2)}
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Evaluate `methods` of the library at `library` on `targets`, writing to `out_dir`."""
-    library: str
-    targets: tuple[str, ...]
-    methods: tuple[str, ...]
-    cfg: EvalConfig
-    out_dir: str
-    device: str | None = None
-
-
-def evaluate_job(job: EvalJob) -> dict:
-    """run_benchmark's results (per method: per-domain mIoU, mean, h-mean, image counts)."""
-    clip, segmenter, _, _ = _models(job.device, False)
-    payload = run_benchmark(segmenter, clip, AdapterLibrary(job.library), list(job.targets), job.methods, job.cfg,
-                            job.out_dir, device=job.device, progress=False)
-    return payload["results"]
 
 
 # ---- the driver's steps ----------------------------------------------------------------------------
@@ -152,30 +94,15 @@ def ensure_pool(folder: Path, size: int, seed: int) -> list[DomainSpec]:
     return specs
 
 
-def open_library(root: Path, like: AdapterLibrary | None = None, lora: dict | None = None) -> AdapterLibrary:
-    """The library at `root`, created for the shipped CLIP and segmenter (or like `like`) if absent."""
-    if (root / "index.json").is_file():
-        return AdapterLibrary(root)
-    if like is not None:
-        return AdapterLibrary.create(root, like.embedder, like.base_model, like.lora_config)
-    clip, _, _, base = _models(None, False)
-    return AdapterLibrary.create(root, clip.identity(EMBED_NORMALIZE), base, lora)
-
-
-def _recipe(spec: DomainSpec, adapter: AdapterConfig) -> dict:
-    return {"spec": spec_digest(spec), "adapter": asdict(adapter)}
-
-
-def pending_adapters(library: AdapterLibrary, specs: Sequence[DomainSpec], adapter: AdapterConfig) -> list[DomainSpec]:
-    """The specs whose adapter `library` still lacks; one trained from another spec or recipe is refused."""
-    todo = []
-    for spec in specs:
-        if spec.name not in library:
-            todo.append(spec)
-        elif library.get(spec.name).metadata.get("recipe") != json.loads(json.dumps(_recipe(spec, adapter))):
-            raise UsageError(f"library {library.root} holds {spec.name!r} trained from another spec or adapter recipe; "
-                             "choose a new --out")
-    return todo
+def check_recipe(out: Path, adapter: AdapterConfig) -> None:
+    """Record the adapter recipe in out/recipe.json on the first run; a later run must use the same one
+    (the pipeline reuses the adapters a library holds, whatever they were trained with)."""
+    path, recipe = out / "recipe.json", json.loads(json.dumps(asdict(adapter)))
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(path, recipe)
+    elif json.loads(path.read_text()) != recipe:
+        raise UsageError(f"{out} holds adapters trained with another recipe ({path}); choose a new --out")
 
 
 def nested_library(pool: AdapterLibrary, names: Sequence[str], root: Path) -> AdapterLibrary:
@@ -199,7 +126,8 @@ def nested_library(pool: AdapterLibrary, names: Sequence[str], root: Path) -> Ad
     return AdapterLibrary(root)
 
 
-def stored_results(out_dir: Path, library: AdapterLibrary, job: EvalJob) -> dict | None:
+def stored_results(out_dir: Path, library: AdapterLibrary, targets: Sequence[str], methods: Sequence[str],
+                   cfg: EvalConfig) -> dict | None:
     """The results in out_dir/results.json if they were computed for this library, targets, methods and
     settings, else None."""
     path = out_dir / "results.json"
@@ -207,16 +135,17 @@ def stored_results(out_dir: Path, library: AdapterLibrary, job: EvalJob) -> dict
         return None
     payload = json.loads(path.read_text())
     config = payload.get("config", {})
-    expected = json.loads(json.dumps({**asdict(job.cfg), "methods": list(job.methods), "targets": list(job.targets)}))
+    expected = json.loads(json.dumps({**asdict(cfg), "methods": list(methods), "targets": list(targets)}))
     same = all(config.get(k) == v for k, v in expected.items()) and \
         config.get("library", {}).get("domains") == library.names()
     return payload["results"] if same else None
 
 
-def target_queries(targets: Sequence[DomainSpec], count: int, device=None) -> list[torch.Tensor]:
-    """Normalised CLIP embeddings (count, D) of each target's first `count` training images, labels unused."""
-    clip = _models(None if device is None else str(device), False)[0]
-    return [embed_images(clip, generate(t, "train", count).images, normalize=EMBED_NORMALIZE) for t in targets]
+def target_queries(targets: Sequence[DomainSpec], count: int, models: Models, embedder: dict) -> list[torch.Tensor]:
+    """CLIP embeddings (count, D) of each target's first `count` training images, as the library indexes
+    them; their labels are never read."""
+    clip, _ = load_models(models)
+    return [index_embeddings(clip, generate(t, "train", count).images, embedder) for t in targets]
 
 
 def _target_specs(targets: Sequence[str], pool: Sequence[DomainSpec]) -> list[DomainSpec]:
@@ -234,27 +163,6 @@ def _target_specs(targets: Sequence[str], pool: Sequence[DomainSpec]) -> list[Do
     return specs
 
 
-def _train(engine: Engine, work: list[tuple[AdapterLibrary, DomainSpec, str]], out: Path, adapter: AdapterConfig,
-           device, progress: bool) -> dict[str, float]:
-    """Train every (library, spec, spec file) job through the engine; the driver adds each adapter to its
-    library as it arrives. Returns the training seconds per domain."""
-    staging = out / ".staging"
-    jobs = [TrainJob(file, str(staging / f"{spec.name}-{secrets.token_hex(4)}"), adapter, device) for _, spec, file in work]
-    owner = {job.out_dir: (library, spec) for job, (library, spec, _) in zip(jobs, work)}
-    seconds = {}
-    try:
-        for job, info in tqdm(engine.map(train_job, jobs), total=len(jobs), desc="adapters", disable=not progress):
-            library, spec = owner[job.out_dir]
-            library.add(spec.name, job.out_dir, torch.tensor(info["centroid"]), info["num_images"],
-                        metadata={"dataset": spec.dataset, "plays": spec.plays, "factors": spec.factors,
-                                  "scene": spec.scene, "recipe": _recipe(spec, adapter)})
-            shutil.rmtree(job.out_dir, ignore_errors=True)
-            seconds[spec.name] = info["seconds"]
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return seconds
-
-
 def growth_orders(cfg: ScaleConfig, names: list[str], centroids: dict[str, torch.Tensor], queries: list[torch.Tensor],
                   metric: str) -> tuple[dict[str, list[str]], dict[str, dict[str, float]]]:
     """The study's orders of the pool's domains (random-<seed>, then active) and each order's coverage of
@@ -262,16 +170,17 @@ def growth_orders(cfg: ScaleConfig, names: list[str], centroids: dict[str, torch
     orders = {f"random-{s}": random_order(names, s) for s in range(cfg.random_orders)}
     if cfg.active:
         orders[ACTIVE] = active_order(queries, torch.stack([centroids[n] for n in names]), names, metric)
-    coverage = {o: {str(size): value for size, value in coverage_curve(queries, centroids, order, cfg.sizes, metric).items()}
+    coverage = {o: {str(size): value
+                    for size, value in coverage_curve(queries, centroids, order, cfg.sizes, metric).items()}
                 for o, order in orders.items()}
     return orders, coverage
 
 
 def _evaluate(engine: Engine, out: Path, cfg: ScaleConfig, orders: dict[str, list[str]], pool_lib: AdapterLibrary,
-              targets: list[str], eval_cfg: EvalConfig, device, progress: bool, log) -> tuple[dict, dict, int]:
-    """Build the nested libraries, evaluate those without stored results (and the oracle) through the engine.
-    Returns the runs (library name -> library, size, orders, domains), results by library name, and the
-    number of evaluations run."""
+              targets: list[str], eval_cfg: EvalConfig, models: Models, progress: bool, log) -> tuple[dict, dict, int]:
+    """Build the nested libraries and evaluate those without stored results (and the oracle) with the
+    pipeline. Returns the runs (library name -> library, size, orders, domains), results by library name,
+    and the number of evaluations run."""
     runs: dict[str, dict] = {}
     for order_name, order in orders.items():
         for size in cfg.sizes:
@@ -279,30 +188,25 @@ def _evaluate(engine: Engine, out: Path, cfg: ScaleConfig, orders: dict[str, lis
             run = runs.setdefault(name, {"library": f"libraries/{name}", "size": size, "orders": [],
                                          "domains": order[:size]})
             run["orders"].append(order_name)
-    jobs, results = {}, {}
+    todo, results = [], {}
     for name, run in runs.items():
         library = nested_library(pool_lib, run["domains"], out / run["library"])
-        job = EvalJob(str(library.root), tuple(targets), METHODS, eval_cfg, str(out / "evaluations" / name), device)
-        results[name] = stored_results(Path(job.out_dir), library, job)
-        if results[name] is None:
-            jobs[job] = name
+        todo.append((name, library, METHODS, eval_cfg))
     if cfg.oracle:
-        oracle_lib = AdapterLibrary(out / "oracle-library")
-        # run_benchmark also retrieves (top-k among the other targets' adapters), which the oracle ignores: k=1
-        job = EvalJob(str(oracle_lib.root), tuple(targets), ("oracle",), replace(eval_cfg, k=1),
-                      str(out / "evaluations" / "oracle"), device)
-        results["oracle"] = stored_results(Path(job.out_dir), oracle_lib, job)
-        if results["oracle"] is None:
-            jobs[job] = "oracle"
-    log(f"{len(runs)} libraries, {len(jobs)} evaluation(s) to run")
-    for job, res in tqdm(engine.map(evaluate_job, list(jobs)), total=len(jobs), desc="evaluations", disable=not progress):
-        results[jobs[job]] = res
-    return runs, results, len(jobs)
+        # the benchmark also retrieves (top-k among the other targets' adapters), which the oracle ignores: k=1
+        todo.append(("oracle", AdapterLibrary(out / "oracle-library"), ("oracle",), replace(eval_cfg, k=1)))
+    for name, library, methods, c in todo:
+        results[name] = stored_results(out / "evaluations" / name, library, targets, methods, c)
+    todo = [job for job in todo if results[job[0]] is None]
+    log(f"{len(runs)} libraries, {len(todo)} evaluation(s) to run")
+    for name, library, methods, c in tqdm(todo, desc="libraries", disable=not progress):
+        results[name] = evaluate(targets, replace(models, library=str(library.root)), methods, c,
+                                 out / "evaluations" / name, engine, progress=False)["results"]
+    return runs, results, len(todo)
 
 
 def _spec_label(file: str) -> str:
     """A target's spec file relative to the data manifests when it is one of them (no local paths in results)."""
-    from .manifests import manifests_dir
     path = Path(file).resolve()
     return str(path.relative_to(manifests_dir().resolve())) if path.is_relative_to(manifests_dir().resolve()) else file
 
@@ -313,7 +217,6 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
               log: Callable[[str], None] = print) -> dict:
     """Run (or resume) the study in folder `out`; returns the payload written to out/scaling.json.
     `targets` default to the held-out domains of data_manifests/heldout/."""
-    from .manifests import manifests_dir
     t_start = time.perf_counter()
     out = Path(out)
     engine = engine or Engine()
@@ -321,46 +224,49 @@ def run_scale(out: str | Path, cfg: ScaleConfig = ScaleConfig(), targets: Sequen
     if cfg.sizes[0] < eval_cfg.k:
         raise UsageError(f"the smallest library ({cfg.sizes[0]} domains) is below SemLA's k={eval_cfg.k}")
     pool = ensure_pool(out / "pool", cfg.pool_size, cfg.pool_seed)
-    targets = [str(p) for p in sorted((manifests_dir() / "heldout").glob("*.yaml"))] if targets is None else list(targets)
+    if targets is None:
+        targets = [str(p) for p in sorted((manifests_dir() / "heldout").glob("*.yaml"))]
+    targets = list(targets)
     target_specs = _target_specs(targets, pool)
     if cfg.oracle and len(target_specs) < 2:
         raise UsageError("the oracle needs two or more targets (run_benchmark also retrieves among the other "
                          "targets' adapters); add a target or drop the oracle")
-    lora = {"r": adapter.r, "lora_alpha": adapter.lora_alpha, "target_modules": adapter.target_modules}
-    pool_lib = open_library(out / "pool-library", lora=lora)
-    libs = [(pool_lib, pool, [str(out / "pool" / f"{s.name}.yaml") for s in pool])]
-    if cfg.oracle:
-        libs.append((open_library(out / "oracle-library", like=pool_lib), target_specs, targets))
-    work = []
-    for lib, specs, files in libs:
-        todo = {s.name for s in pending_adapters(lib, specs, adapter)}
-        work += [(lib, spec, file) for spec, file in zip(specs, files) if spec.name in todo]
-    log(f"{len(pool)} pool domains, {len(target_specs)} targets: {len(work)} adapter(s) to train with {engine}")
+    check_recipe(out, adapter)
+    models = Models(device=device or str(resolve_device(None)))
+    log(f"{len(pool)} pool domains, {len(target_specs)} targets, jobs run with {engine}")
     with engine:
         t0 = time.perf_counter()
-        train_seconds = _train(engine, work, out, adapter, device, progress) if work else {}
+        trained = add_domains([str(out / "pool" / f"{s.name}.yaml") for s in pool], out / "pool-library", models,
+                              adapter, engine, progress=progress)["added"]
+        if cfg.oracle:
+            trained.update(add_domains(targets, out / "oracle-library", models, adapter, engine,
+                                       progress=progress)["added"])
         t_train = time.perf_counter() - t0
+        pool_lib = AdapterLibrary(out / "pool-library")
         names = [s.name for s in pool]
-        orders, coverage = growth_orders(cfg, names, {n: pool_lib.get(n).centroid for n in names},
-                                         target_queries(target_specs, cfg.query_images, device), eval_cfg.metric)
+        queries = target_queries(target_specs, cfg.query_images, models, pool_lib.embedder)
+        orders, coverage = growth_orders(cfg, names, {n: pool_lib.get(n).centroid for n in names}, queries,
+                                         eval_cfg.metric)
         t0 = time.perf_counter()
-        runs, results, evaluations = _evaluate(engine, out, cfg, orders, pool_lib, targets, eval_cfg, device, progress, log)
+        runs, results, evaluations = _evaluate(engine, out, cfg, orders, pool_lib, targets, eval_cfg, models, progress,
+                                               log)
         t_eval = time.perf_counter() - t0
 
     pick = lambda res: {k: res[k] for k in ("hmean", "mean", "per_domain")}
     counts = results[next(iter(runs))]["zero_shot"]["num_images"]
     payload = {
         "config": {**asdict(cfg), "adapter": asdict(adapter), "evaluation": asdict(eval_cfg), "methods": list(METHODS)},
-        "targets": {t.name: {"spec": _spec_label(f), "test_images": counts[t.name]} for t, f in zip(target_specs, targets)},
+        "targets": {t.name: {"spec": _spec_label(f), "test_images": counts[t.name]}
+                    for t, f in zip(target_specs, targets)},
         "pool": {"folder": "pool", "domains": {s.name: s.plays for s in pool}},
         "orders": orders,
         "coverage": coverage,
         "runs": [{"library": r["library"], "size": r["size"], "orders": r["orders"],
                   "results": {m: pick(res) for m, res in results[n].items()}} for n, r in runs.items()],
         "oracle": pick(results["oracle"]["oracle"]) if cfg.oracle else None,
-        "timing": {"engine": repr(engine), "threads": torch.get_num_threads(), "adapters_trained": len(train_seconds),
-                   "train_wall_s": round(t_train, 1), "train_job_s": round(sum(train_seconds.values()), 1),
-                   "evaluations_run": evaluations, "evaluate_wall_s": round(t_eval, 1),
+        "timing": {"engine": repr(engine), "threads": torch.get_num_threads(), "adapters_trained": len(trained),
+                   "train_wall_s": round(t_train, 1), "evaluations_run": evaluations,
+                   "evaluate_wall_s": round(t_eval, 1),
                    "total_wall_s": round(time.perf_counter() - t_start, 1)},
     }
     atomic_write_json(out / "scaling.json", payload)

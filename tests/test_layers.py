@@ -15,11 +15,12 @@ ROOT = Path(semla_lab.__file__).parent
 LAYERS = {
     "core": ["errors", "runtime", "manifests", "engine", "metrics", "retrieval", "fusion"],
     "data_models": ["split", "data", "real_data", "real_layout", "world", "world.concepts", "world.scenes",
-                    "world.appearance", "world.spec", "world.generate", "sources", "clip", "segmenter", "lora"],
+                    "world.appearance", "world.spec", "world.generate", "world.pool", "sources", "clip", "segmenter",
+                    "lora"],
     "library": ["library", "fingerprints", "assets", "predictor"],
     "training": ["train"],
-    "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots"],
-    "pipeline": ["pipeline"],
+    "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots", "growth"],
+    "pipeline": ["pipeline", "scaling"],
     "cli": ["cli", ""],          # "" is semla_lab/__init__.py (its lazy API names modules of every layer)
 }
 LEVEL = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}

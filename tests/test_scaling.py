@@ -71,7 +71,7 @@ def test_scale_builds_nested_ordinary_libraries_and_reuses_them_on_rerun(capsys,
 
 @pytest.mark.parametrize("extra, message", [
     (["--pool-seed", "1"], "holds another pool"),
-    (["--steps", "3"], "trained from another spec or adapter recipe"),
+    (["--steps", "3"], "holds adapters trained with another recipe"),
 ])
 def test_a_rerun_with_other_settings_is_refused_in_one_line(capsys, tmp_path, extra, message):
     out = tmp_path / "study"

@@ -93,7 +93,8 @@ def draw_spec(pool_seed: int, index: int, vocabularies: Mapping[str, Mapping[str
     factors = _factors(rng, indoor_only=set(scene) == {"indoor"})
     fitting = sorted(k for k, v in vocabularies.items() if k != "source" and vocabulary_fits(v, scene))
     vocabulary = rng.choice(fitting)
-    return validate_spec({"name": pool_name(pool_seed, index), "dataset": "pool", "plays": _describe(scene, style, factors),
+    return validate_spec({"name": pool_name(pool_seed, index), "dataset": "pool",
+                          "plays": _describe(scene, style, factors),
                           "scene": scene, "style": style, "factors": factors, "vocabulary": vocabulary,
                           "splits": {"train": 200, "test": 100}, "seed": SEED_BASE + pool_seed * SEED_STRIDE + index},
                          vocabularies, where=f"pool {pool_seed} domain {index}")
