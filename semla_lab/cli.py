@@ -14,6 +14,7 @@
   semla-lab clip-variants   retrieval with an untrained tiny CLIP and one trained without condition words
   semla-lab add-prototypes   fit prototypes, coverage radii and vocabulary embeddings into a library
   semla-lab beyond      the options beyond the paper, leave-one-out and held-out, over adapter seeds
+  semla-lab scale       grow libraries from a random domain pool: h-mean against library size, random and active orders
 Adapter training and target evaluation run as Ray tasks with --ray (build, build-library, add-domain,
 evaluate, ablate; see engine.py).
 Bad arguments, paths or files (errors.SemlaError) print one line `semla-lab: error: ...` and exit with
@@ -459,6 +460,28 @@ def cmd_beyond(args):
     if args.out:
         print(f"\nwrote {args.out}")
 
+def cmd_scale(args):
+    """The library-scaling study (scaling.run_scale) in --out; reruns reuse what is there."""
+    from dataclasses import replace
+    from .experiments import EvalConfig
+    from .plots import scaling_curves
+    from .scaling import ScaleConfig, run_scale, scaling_table
+    cfg = ScaleConfig(sizes=tuple(args.sizes), pool_size=args.pool_size or max(args.sizes), pool_seed=args.pool_seed,
+                      random_orders=args.orders, active=not args.no_active, oracle=not args.no_oracle,
+                      query_images=args.query_images)
+    adapter = _adapter_config(args)
+    eval_cfg = replace(EvalConfig(), max_images=args.max_images, k=args.k)
+    payload = run_scale(args.out, cfg, args.targets, adapter, eval_cfg, _engine(args), device=args.device,
+                        progress=not args.quiet)
+    table = scaling_table(payload)
+    curves = table.pivot_table(index="size", columns=["method", "kind"], values="hmean", aggfunc="mean")
+    print(curves.round(1).to_string())
+    scaling_curves(table, payload["oracle"]["hmean"] if payload["oracle"] else None).savefig(
+        Path(args.out) / "scaling.png", dpi=110)
+    t = payload["timing"]
+    print(f"\n{t['adapters_trained']} adapters trained, {t['evaluations_run']} evaluations, {t['total_wall_s']:.0f} s "
+          f"({t['engine']}); wrote {Path(args.out) / 'scaling.json'} and scaling.png")
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
@@ -612,6 +635,28 @@ def build_parser() -> argparse.ArgumentParser:
     bb.add_argument("--max-images", type=int, help="test images per target (default: all)")
     bb.add_argument("--out", help="write the JSON here (e.g. semla_lab/assets/benchmark/beyond.json)")
     bb.set_defaults(func=cmd_beyond)
+
+    sc = sub.add_parser("scale", help="grow libraries from a random domain pool; h-mean against library size")
+    sc.add_argument("--out", required=True, help="study folder (created; a rerun reuses its adapters and results)")
+    sc.add_argument("--sizes", type=_csv(int), default=[5, 10, 20, 40, 80],
+                    help="library sizes (default: 5,10,20,40,80)")
+    sc.add_argument("--pool-size", type=int, help="domains in the pool (default: the largest size)")
+    sc.add_argument("--pool-seed", type=int, default=0)
+    sc.add_argument("--orders", type=int, default=3, help="random orders, seeds 0..n-1 (default: 3)")
+    sc.add_argument("--no-active", action="store_true", help="skip active growth by target coverage")
+    sc.add_argument("--no-oracle", action="store_true", help="skip training the targets' own adapters")
+    sc.add_argument("--targets", nargs="*", help="mini-world domains or spec files (default: data_manifests/heldout)")
+    sc.add_argument("--max-images", type=int, default=100, help="test images per target (default: 100)")
+    sc.add_argument("--query-images", type=int, default=50,
+                    help="unlabelled training images per target that active growth sees (default: 50)")
+    sc.add_argument("--k", type=int, default=5, help="adapters SemLA retrieves per image (default: 5)")
+    sc.add_argument("--ray", action="store_true", help="run training and evaluation as Ray tasks")
+    sc.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS); implies --ray")
+    sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+    sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
+    sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
+    sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
+    sc.set_defaults(func=cmd_scale)
 
     for q in (t, bl, ad):
         if q is not ad:

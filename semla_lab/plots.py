@@ -381,5 +381,44 @@ def vocabulary_bars(effect: pd.DataFrame, title: str = "", figsize=(8, 4)):
     ax.legend(handles=[plt.Rectangle((0, 0), 1, 1, color="tab:blue"), plt.Rectangle((0, 0), 1, 1, color="tab:orange")],
               labels=["in the adapter's vocabulary", "not in it"], fontsize=8)
     ax.set_title(title, fontsize=9)
+
+# -- notebook 11
+SCALING_COLORS = {"zero_shot": "tab:gray", "uniform": "tab:blue", "semla": "tab:orange", "oracle": "tab:green"}
+
+
+def scaling_curves(table: pd.DataFrame, oracle: float | None = None, figsize=(11, 4.8)):
+    """Left: h-mean against library size per method (scaling.scaling_table rows), the mean of the random
+    orders as a solid line over their min-max band, the active order dashed, the oracle as a horizontal
+    line. Right: the targets' coverage distance (mean distance to the nearest library centroid) per order."""
+    fig, (ax, cov) = plt.subplots(1, 2, figsize=figsize, gridspec_kw={"width_ratios": (1.6, 1)})
+    sizes = sorted(table["size"].unique())
+    for method, rows in table.groupby("method", sort=False):
+        color = SCALING_COLORS.get(method, "k")
+        rand = rows[rows.kind == "random"].groupby("size")["hmean"].agg(["mean", "min", "max", "count"])
+        if len(rand):
+            ax.plot(rand.index, rand["mean"], marker="o", color=color,
+                    label=f"{method}, random order (mean of {int(rand['count'].max())}, band: min-max)")
+            ax.fill_between(rand.index, rand["min"], rand["max"], color=color, alpha=0.2, linewidth=0)
+        active = rows[rows.kind == "active"].sort_values("size")
+        if len(active) and method != "zero_shot":
+            ax.plot(active["size"], active["hmean"], marker="D", linestyle="--", color=color,
+                    label=f"{method}, active growth")
+    if oracle is not None:
+        ax.axhline(oracle, color=SCALING_COLORS["oracle"], linestyle=":", label="oracle (own adapter, not in library)")
+    ax.set_ylabel("h-mean mIoU over targets")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
+    per_order = table.drop_duplicates(["order", "size"])
+    for order, rows in per_order.groupby("order", sort=True):
+        active = (rows.kind == "active").all()
+        cov.plot(rows["size"], rows["coverage"], marker="D" if active else ".", linestyle="--" if active else "-",
+                 color="k" if active else "tab:gray", alpha=1 if active else 0.6, label=order)
+    cov.set_ylabel("targets' distance to nearest domain")
+    cov.legend(fontsize=7)
+    for a in (ax, cov):
+        a.set_xscale("log", base=2)
+        a.set_xticks(sizes, [str(s) for s in sizes])
+        a.minorticks_off()
+        a.set_xlabel("library size (domains)")
+        a.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -15,14 +15,14 @@ ROOT = Path(semla_lab.__file__).parent
 LAYERS = {
     "core": ["errors", "runtime", "manifests", "engine", "metrics", "profiles", "retrieval", "fusion"],
     "data_models": ["split", "data", "real_data", "real_layout", "world", "world.concepts", "world.scenes",
-                    "world.appearance", "world.spec", "world.generate", "world.photos", "sources", "user_images",
-                    "clip", "segmenter", "lora"],
+                    "world.appearance", "world.spec", "world.generate", "world.photos", "world.pool", "sources",
+                    "user_images", "clip", "segmenter", "lora"],
     "library": ["library", "fingerprints", "assets", "predictor"],
     "training": ["train"],
     "evaluation": ["methods", "experiments", "transfer", "outputs", "analysis", "plots", "domain_shift", "report_html",
-                   "tuning", "beyond"],
+                   "tuning", "beyond", "growth"],
     "pipeline": ["pipeline"],
-    "studies": ["clip_variants"],
+    "studies": ["clip_variants", "scaling"],
     "cli": ["cli", ""],          # "" is semla_lab/__init__.py (its lazy API names modules of every layer)
 }
 LEVEL = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
