@@ -6,7 +6,7 @@ of 20 random LoRA adapters (r=8, alpha=16 on every attention / MLP Linear of the
 
   base      segmenter forward, no adapters
   SemLA     embed the batch with a separate tiny CLIP (64 px) + retrieve top-5 of 20 centroids + ONE
-            fused forward in which every image has its own 5 adapters (semla_lab.fusion.FusedAdapters)
+            fused forward in which every image has its own 5 adapters (semla_lab.core.fusion.FusedAdapters)
   official  per image, as the official code does: embed one image + retrieve + peft
             add_weighted_adapter(cat) + set_adapter + forward + delete_adapter
 
@@ -32,9 +32,9 @@ from common import (MODELS, T_CLASSES, count_flops, fmt_s, fmt_x, inputs, measur
 import torch
 import torch.nn.functional as F
 
-from semla_lab.clip import Clip, embed_images
-from semla_lab.fusion import peft_weighted_forward
-from semla_lab.retrieval import RetrievalConfig, retrieve
+from semla_lab.models.clip import Clip, embed_images
+from semla_lab.core.fusion import peft_weighted_forward
+from semla_lab.core.retrieval import RetrievalConfig, retrieve
 
 LIBRARY_SIZE, K = 20, 5
 BATCHES = (1, 16)

@@ -15,9 +15,9 @@ from common import fmt_s, fmt_x, measure_interleaved, paired_ratio, parser, payl
 import torch
 import torch.nn.functional as F
 
-from semla_lab.predictor import SemLAPredictor
-from semla_lab.world.generate import generate, get_domain
-from semla_lab.world.photos import SIZES, vocabulary_classes
+from semla_lab.library.predictor import SemLAPredictor
+from semla_lab.data.world.generate import generate, get_domain
+from semla_lab.data.world.photos import SIZES, vocabulary_classes
 
 BATCH = 32
 DOMAINS = ("cityscapes", "acdc_night", "muses_fog_day", "nyu")

@@ -15,12 +15,12 @@ from common import (MODELS, fmt_s, fmt_x, measure_interleaved, paired_ratio, par
 
 import torch
 
-from semla_lab.clip import Clip, embed_images
+from semla_lab.models.clip import Clip, embed_images
 
 
 def load(kind: str, device: torch.device) -> Clip:
     import open_clip
-    from semla_lab.clip import load_clip
+    from semla_lab.models.clip import load_clip
     torch.manual_seed(0)
     if kind == "tiny":
         return load_clip(pretrained="random", device=device)

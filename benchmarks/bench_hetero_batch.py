@@ -15,7 +15,7 @@ from common import (MODELS, T_CLASSES, fmt_s, fmt_x, inputs, measure, parser, pa
 
 import torch
 
-from semla_lab.fusion import peft_weighted_forward
+from semla_lab.core.fusion import peft_weighted_forward
 
 LIBRARY_SIZE, K = 20, 5
 

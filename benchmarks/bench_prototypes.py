@@ -1,4 +1,4 @@
-"""Retrieval beyond the centroid: latency per query of semla_lab.retrieval.DomainIndex.search with P=4 k-means
+"""Retrieval beyond the centroid: latency per query of semla_lab.core.retrieval.DomainIndex.search with P=4 k-means
 prototypes, a 4-component diagonal GMM, and k-means with the coverage fallback and text-aware distances, next to
 the paper's centroid index (CentroidIndex.search) on the same synthetic library, measured side by side
 (interleaved runs). Libraries of 1,000 and 10,000 domains at D=64, K=5. Target: < 1 ms per single query with
@@ -18,8 +18,8 @@ from common import (fmt_s, fmt_x, measure_interleaved, paired_ratio, parser, pay
 import torch
 import torch.nn.functional as F
 
-from semla_lab.profiles import DomainProfile
-from semla_lab.retrieval import CentroidIndex, DomainIndex, RetrievalConfig, top_k
+from semla_lab.core.profiles import DomainProfile
+from semla_lab.core.retrieval import CentroidIndex, DomainIndex, RetrievalConfig, top_k
 
 P, D, K = 4, 64, 5
 SIZES = (1_000, 10_000)

@@ -23,11 +23,11 @@ from common import fmt_s, fmt_x, parser, payload, setup, table, target_lines, wr
 
 import torch
 
-from semla_lab import pipeline
-from semla_lab.engine import Engine
-from semla_lab.experiments import EvalConfig
-from semla_lab.library import AdapterLibrary
-from semla_lab.train import AdapterConfig
+from semla_lab.workflows import pipeline
+from semla_lab.core.engine import Engine
+from semla_lab.evaluation.experiments import EvalConfig
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.training.train import AdapterConfig
 
 DOMAINS = ["cityscapes", "acdc_fog", "nyu", "ade"]
 METHODS = ("zero_shot", "uniform", "semla", "oracle")

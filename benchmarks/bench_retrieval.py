@@ -1,10 +1,10 @@
-"""Retrieval: latency per query of semla_lab.retrieval.retrieve (one query, and a batch of 64) and memory
+"""Retrieval: latency per query of semla_lab.core.retrieval.retrieve (one query, and a batch of 64) and memory
 (centroid matrix bytes, peak RSS growth) for synthetic libraries of 10 ... 100,000 unit-norm centroids at
 D=64 (the tiny CLIP) and D=512 (ViT-B/16 CLIP), K=5, euclidean distance. Target: < 1 ms per single query at
 10,000 centroids on a CPU.
 
 Where retrieve() spends its time at 10,000 centroids is broken down, next to the path for large libraries,
-semla_lab.retrieval.CentroidIndex (centroids validated once, one GEMM + top-(K+8) preselection, exact
+semla_lab.core.retrieval.CentroidIndex (centroids validated once, one GEMM + top-(K+8) preselection, exact
 distances for the candidates: same indices and weights), which the target is measured on. Then opening a library of 1,000 adapters lazily (index + centroids) against
 loading every adapter's weights eagerly, in time and memory.
 
@@ -25,7 +25,7 @@ from common import (PeakRSS, fmt_bytes, fmt_s, fmt_x, measure, parser, payload, 
 import torch
 import torch.nn.functional as F
 
-from semla_lab.retrieval import (CentroidIndex, RetrievalConfig, _check_finite, distances, retrieve, softmax_weights,
+from semla_lab.core.retrieval import (CentroidIndex, RetrievalConfig, _check_finite, distances, retrieve, softmax_weights,
                                  top_k)
 
 SIZES = (10, 100, 1_000, 10_000, 100_000)
@@ -116,17 +116,17 @@ def prototype_adapter(folder: Path) -> None:
     """One real peft adapter folder for the tiny segmenter (r=8, alpha=16 on LORA_TARGETS)."""
     from peft import LoraConfig, get_peft_model
     from common import segmenter as make_segmenter
-    from semla_lab.segmenter import LORA_TARGETS
+    from semla_lab.models.segmenter import LORA_TARGETS
     seg, _, _ = make_segmenter("tiny", torch.device("cpu"))
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=False)
     get_peft_model(copy.deepcopy(seg), cfg).save_pretrained(folder, save_embedding_layers=False)
 
 
 def write_library(root: Path, n: int, dim: int = 64) -> int:
-    """A library folder in library.py's on-disk layout with `n` copies of one real adapter (written directly:
+    """A library folder in library/index.py's on-disk layout with `n` copies of one real adapter (written directly:
     AdapterLibrary.add rewrites the index on every call). Returns the bytes written."""
     from safetensors.torch import save_file
-    from semla_lab.segmenter import LORA_TARGETS
+    from semla_lab.models.segmenter import LORA_TARGETS
     proto = root.parent / "prototype"
     prototype_adapter(proto)
     names = [f"domain{i:04d}" for i in range(n)]
@@ -146,7 +146,7 @@ def write_library(root: Path, n: int, dim: int = 64) -> int:
 
 
 def open_lazy(root: Path):
-    from semla_lab.library import AdapterLibrary
+    from semla_lab.library.index import AdapterLibrary
     return AdapterLibrary(root)
 
 

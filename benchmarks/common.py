@@ -33,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # random weights only; never reac
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from semla_lab.runtime import configure_threads, resolve_device  # noqa: E402
+from semla_lab.core.runtime import configure_threads, resolve_device  # noqa: E402
 
 T_CLASSES = 19        # Cityscapes-like vocabulary size used by every segmentation timing
 MODELS = {"tiny": "semla-tiny-clip (64 px)", "vitb16": "ViT-B-16 (224 px)"}
@@ -43,7 +43,7 @@ MODELS = {"tiny": "semla-tiny-clip (64 px)", "vitb16": "ViT-B-16 (224 px)"}
 
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: semla_lab.runtime.resolve_device())")
+    p.add_argument("--device", default=None, help="cpu / cuda / cuda:1 (default: semla_lab.core.runtime.resolve_device())")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats (smoke test, < 1 min for all)")
     p.add_argument("--json", type=Path, default=None, help="also write the numbers to this JSON file")
     return p
@@ -270,7 +270,7 @@ def payload(name: str, device: torch.device, quick: bool, rows: list[dict], targ
 
 def tiny_clip(device: torch.device):
     """The separate tiny CLIP used as the embedding model (random weights, 64 px, D = 64)."""
-    from semla_lab.clip import load_clip
+    from semla_lab.models.clip import load_clip
     torch.manual_seed(0)
     return load_clip(pretrained="random", device=device)
 
@@ -278,7 +278,7 @@ def tiny_clip(device: torch.device):
 def clip_model(kind: str):
     """An open_clip CLIP model with random weights: "tiny" (semla-tiny-clip) or "vitb16" (ViT-B-16)."""
     import open_clip
-    from semla_lab.clip import load_clip
+    from semla_lab.models.clip import load_clip
     torch.manual_seed(0)
     if kind == "tiny":
         return load_clip(pretrained="random", device="cpu").model
@@ -292,7 +292,7 @@ _CACHE: dict = {}   # run_all runs every benchmark in one process: build each mo
 
 def segmenter(kind: str, device: torch.device):
     """(segmenter in eval mode on `device`, input image size, text embedding dim); built once per process."""
-    from semla_lab.segmenter import build_segmenter
+    from semla_lab.models.segmenter import build_segmenter
     key = ("segmenter", kind, str(device))
     if key not in _CACHE:
         model = clip_model(kind)
@@ -332,8 +332,8 @@ def random_library(seg: torch.nn.Module, n: int, device: torch.device, r: int = 
 
 def _random_library(seg, n, device, r, alpha, centroid_dim, seed) -> RandomLibrary:
     from peft import LoraConfig, get_peft_model
-    from semla_lab.fusion import FusedAdapters
-    from semla_lab.segmenter import LORA_TARGETS
+    from semla_lab.core.fusion import FusedAdapters
+    from semla_lab.models.segmenter import LORA_TARGETS
     torch.manual_seed(seed)
     names = [f"domain{i:02d}" for i in range(n)]
     cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=LORA_TARGETS, init_lora_weights=False)

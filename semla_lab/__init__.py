@@ -9,15 +9,15 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "generate": "world.generate", "shipped_domains": "world.generate", "target_domains": "world.generate",
-    "get_domain": "world.generate", "DomainSpec": "world.spec", "load_spec": "world.spec",
-    "SegmentationDataset": "data", "write_dataset": "data", "RealDataset": "real_data",
-    "load_clip": "clip", "embed_images": "clip", "embed_class_names": "clip",
-    "OVSegmenter": "segmenter", "build_segmenter": "segmenter", "load_segmenter": "assets",
-    "AdapterLibrary": "library", "retrieve": "retrieval", "RetrievalConfig": "retrieval",
-    "FusedAdapters": "fusion", "LibraryModel": "predictor", "SemLAPredictor": "predictor",
-    "EvalConfig": "experiments", "run_benchmark": "experiments", "MIoU": "metrics", "harmonic_mean": "metrics",
-    "configure_threads": "runtime", "resolve_device": "runtime", "analyze": "domain_shift",
+    "generate": "data.world.generate", "shipped_domains": "data.world.generate", "target_domains": "data.world.generate",
+    "get_domain": "data.world.generate", "DomainSpec": "data.world.spec", "load_spec": "data.world.spec",
+    "SegmentationDataset": "data.datasets", "write_dataset": "data.datasets", "RealDataset": "data.real_data",
+    "load_clip": "models.clip", "embed_images": "models.clip", "embed_class_names": "models.clip",
+    "OVSegmenter": "models.segmenter", "build_segmenter": "models.segmenter", "load_segmenter": "library.assets",
+    "AdapterLibrary": "library.index", "retrieve": "core.retrieval", "RetrievalConfig": "core.retrieval",
+    "FusedAdapters": "core.fusion", "LibraryModel": "library.predictor", "SemLAPredictor": "library.predictor",
+    "EvalConfig": "evaluation.experiments", "run_benchmark": "evaluation.experiments", "MIoU": "core.metrics", "harmonic_mean": "core.metrics",
+    "configure_threads": "core.runtime", "resolve_device": "core.runtime", "analyze": "evaluation.domain_shift",
 }
 __all__ = sorted(_API)
 

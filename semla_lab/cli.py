@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import MissingFileError, SemlaError
+from .core.errors import MissingFileError, SemlaError
 
 
 def _csv(kind):
@@ -35,17 +35,17 @@ def _csv(kind):
 
 
 def _domains(args_domains):
-    from .world.generate import get_domain, target_domains
+    from .data.world.generate import get_domain, target_domains
     return [get_domain(d) for d in (args_domains or target_domains())]
 
 
 def cmd_world(args):
     import torch
-    from .data import write_dataset
-    from .world.generate import generate, shipped_domains
+    from .data.datasets import write_dataset
+    from .data.world.generate import generate, shipped_domains
     specs = _domains(args.domains) if args.domains else list(shipped_domains().values())
     if args.preview:
-        from .plots import sample_grid
+        from .evaluation.plots import sample_grid
         fig = sample_grid([generate(s, "test", args.per_domain, args.size) for s in specs], args.per_domain)
         Path(args.preview).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(args.preview, dpi=args.dpi)
@@ -68,7 +68,7 @@ def world_summary(specs, count: int = 64):
     pixel share of each class on `count` test images."""
     import pandas as pd
     import torch
-    from .world.generate import generate
+    from .data.world.generate import generate
     rows = []
     for spec in specs:
         data = generate(spec, "test", count)
@@ -85,15 +85,16 @@ def world_summary(specs, count: int = 64):
 
 def _engine(args):
     """Where the command's jobs run: serially, or as Ray tasks with --ray / --ray-address (engine.py)."""
-    from .engine import Engine
+    from .core.engine import Engine
     return Engine(ray=args.ray, address=args.ray_address, num_cpus=args.num_cpus)
 
 
 def cmd_build(args):
     """Every stage builds into a staging folder; the artifacts are replaced once all stages are done."""
-    from . import assets, pipeline
-    from .runtime import assets_dir
-    from .train import AdapterConfig, ClipTrainConfig, SegTrainConfig
+    from .library import assets
+    from .workflows import pipeline
+    from .core.runtime import assets_dir
+    from .training.train import AdapterConfig, ClipTrainConfig, SegTrainConfig
     root = Path(args.out) if args.out else assets_dir()
     q, dev = args.quick, args.device
     stages = ["clip", "segmenter", "library"] if args.stage == "all" else [args.stage]
@@ -117,11 +118,11 @@ def cmd_build(args):
 
 
 def cmd_zero_shot(args):
-    from .assets import load_segmenter
-    from .clip import load_clip
-    from .experiments import evaluate_model
-    from .metrics import harmonic_mean
-    from .world.generate import SOURCE_DOMAIN, generate, shipped_domains
+    from .library.assets import load_segmenter
+    from .models.clip import load_clip
+    from .evaluation.experiments import evaluate_model
+    from .core.metrics import harmonic_mean
+    from .data.world.generate import SOURCE_DOMAIN, generate, shipped_domains
     clip = load_clip(device=args.device)
     seg = load_segmenter(clip=clip, device=args.device)
     scores = {name: evaluate_model(seg, clip, generate(spec, "test", args.max_images))
@@ -135,29 +136,29 @@ def cmd_zero_shot(args):
 def _models(args, library=None):
     """The models a command names (pipeline.Models): the shipped tiny CLIP and segmenter unless --clip,
     --pretrained, --checkpoint or --segmenter say otherwise; a library's CLIP defaults to its embedder's."""
-    from .pipeline import Models
+    from .workflows.pipeline import Models
     clip = args.clip or (library.embedder.get("model") if library is not None else None) or Models.clip
     return Models(clip=clip, pretrained=args.pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
                   library=str(library.root) if library is not None else None, device=str(args.device))
 
 
 def _library(args):
-    from .library import AdapterLibrary
-    from .runtime import assets_dir
+    from .library.index import AdapterLibrary
+    from .core.runtime import assets_dir
     return AdapterLibrary(args.library or assets_dir() / "library")
 
 
 def _bundle(args):
     """Segmenter, CLIP and library for the in-process commands (transfer): the shipped ones unless paths
     are given. The CLIP must be the library's embedding model."""
-    from .pipeline import library_model, load_models
+    from .workflows.pipeline import library_model, load_models
     models = _models(args, _library(args))
     clip, segmenter = load_models(models)
     return segmenter, clip, library_model(models).library
 
 
 def _eval_config(args, **over):
-    from .experiments import EvalConfig
+    from .evaluation.experiments import EvalConfig
     return EvalConfig(**{"k": args.k, "tau": args.tau, "metric": args.metric, "weighting": args.weighting,
                          "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images,
                          "image_size": args.image_size, **_beyond_options(args), **over})
@@ -170,10 +171,10 @@ def _beyond_options(args) -> dict:
 
 
 def cmd_evaluate(args):
-    from .experiments import config_methods, format_intervals, format_table
-    from .methods import METHODS
-    from .pipeline import evaluate, library_model, load_models
-    from .world.generate import target_domains
+    from .evaluation.experiments import config_methods, format_intervals, format_table
+    from .evaluation.methods import METHODS
+    from .workflows.pipeline import evaluate, library_model, load_models
+    from .data.world.generate import target_domains
     cfg = _eval_config(args)
     methods = config_methods(args.methods or METHODS, cfg)
     models = _models(args, _library(args))
@@ -192,9 +193,9 @@ def cmd_evaluate(args):
 
 
 def cmd_ablate(args):
-    from .experiments import ablation_grid
-    from .pipeline import ablate, library_model, load_models
-    from .world.generate import target_domains
+    from .evaluation.experiments import ablation_grid
+    from .workflows.pipeline import ablate, library_model, load_models
+    from .data.world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
                          max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size],
                          **_beyond_options(args))
@@ -207,10 +208,10 @@ def cmd_ablate(args):
 
 
 def cmd_tune(args):
-    from .data import atomic_write_json
-    from .experiments import ablation_grid
-    from .tuning import format_tuning, held_out_tuning, selection_table
-    from .world.generate import target_domains
+    from .data.datasets import atomic_write_json
+    from .evaluation.experiments import ablation_grid
+    from .evaluation.tuning import format_tuning, held_out_tuning, selection_table
+    from .data.world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
                          batch_size=[args.batch_size])
     seg, clip, library = _bundle(args)
@@ -225,9 +226,9 @@ def cmd_tune(args):
 
 
 def cmd_transfer(args):
-    from .plots import transfer_heatmap
-    from .transfer import format_transfer, run_transfer, transfer_matrix
-    from .world.generate import target_domains
+    from .evaluation.plots import transfer_heatmap
+    from .evaluation.transfer import format_transfer, run_transfer, transfer_matrix
+    from .data.world.generate import target_domains
     seg, clip, library = _bundle(args)
     payload = run_transfer(seg, clip, library, args.targets or target_domains(), args.split, args.max_images,
                            args.out, device=args.device, progress=not args.quiet)
@@ -238,7 +239,7 @@ def cmd_transfer(args):
 
 
 def cmd_summarize(args):
-    from .experiments import aggregate_runs, semla_wins
+    from .evaluation.experiments import aggregate_runs, semla_wins
     payloads = []
     for run_dir in args.runs:
         path = Path(run_dir) / "results.json"
@@ -254,13 +255,13 @@ def cmd_summarize(args):
 def cmd_clip_variants(args):
     import tempfile
     from dataclasses import replace
-    from .assets import load_segmenter
-    from .clip import load_clip
-    from .clip_variants import run_clip_variants
-    from .data import atomic_write_json
-    from .library import AdapterLibrary
-    from .runtime import assets_dir
-    from .train import ClipTrainConfig
+    from .library.assets import load_segmenter
+    from .models.clip import load_clip
+    from .workflows.clip_variants import run_clip_variants
+    from .data.datasets import atomic_write_json
+    from .library.index import AdapterLibrary
+    from .core.runtime import assets_dir
+    from .training.train import ClipTrainConfig
     transfer_path = Path(args.transfer) if args.transfer else assets_dir() / "benchmark" / "transfer.json"
     if not transfer_path.is_file():
         raise MissingFileError(f"no transfer diagnostic at {transfer_path} (write one with `semla-lab transfer --out`)")
@@ -282,7 +283,7 @@ def cmd_clip_variants(args):
 def _adapter_config(args, **fixed):
     """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps and --seed on top."""
     from dataclasses import replace
-    from .train import AdapterConfig
+    from .training.train import AdapterConfig
     over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
     if getattr(args, "rank", None):
         over.update(r=args.rank, lora_alpha=2 * args.rank)
@@ -290,11 +291,11 @@ def _adapter_config(args, **fixed):
 
 
 def cmd_train_adapter(args):
-    from .assets import base_model_id, load_segmenter
-    from .clip import embed_class_names, load_clip
-    from .pipeline import source_replay
-    from .sources import load_split
-    from .train import train_adapter
+    from .library.assets import base_model_id, load_segmenter
+    from .models.clip import embed_class_names, load_clip
+    from .workflows.pipeline import source_replay
+    from .data.sources import load_split
+    from .training.train import train_adapter
     clip = load_clip(device=args.device)
     data = load_split(args.domain, "train")
     cfg = _adapter_config(args)
@@ -307,7 +308,7 @@ def cmd_train_adapter(args):
 def _replay_source(args, sources):
     """What adapters replay: --replay-source, else the base-training source of the data (the mini world's
     source domain, or COCO-Stuff for real data)."""
-    from .world.generate import SOURCE_DOMAIN
+    from .data.world.generate import SOURCE_DOMAIN
     if args.replay_source:
         return args.replay_source
     return "real:coco_stuff" if any(s.startswith("real:") for s in sources) else SOURCE_DOMAIN
@@ -315,7 +316,7 @@ def _replay_source(args, sources):
 
 def _grow(args, sources, out):
     """build-library and add-domain: train one adapter per source into the library at `out` (pipeline.add_domains)."""
-    from .pipeline import add_domains
+    from .workflows.pipeline import add_domains
     cfg = _adapter_config(args)
     with _engine(args) as engine:
         return add_domains(sources, out, _models(args), cfg, engine,
@@ -326,7 +327,7 @@ def _grow(args, sources, out):
 def cmd_build_library(args):
     """A library for the named CLIP and segmenter (default: the shipped ones) at --out; rerunning the
     command on an interrupted build resumes it."""
-    from .world.generate import target_domains
+    from .data.world.generate import target_domains
     sources = args.domains or target_domains()
     built = _grow(args, sources, Path(args.out))
     skipped = f" (kept {len(built['skipped'])} already there)" if built["skipped"] else ""
@@ -334,7 +335,7 @@ def cmd_build_library(args):
 
 
 def cmd_add_domain(args):
-    from .library import AdapterLibrary
+    from .library.index import AdapterLibrary
     built = _grow(args, args.domain, Path(args.library))
     for name in built["skipped"]:
         print(f"{name} is already in {args.library}; left as is")
@@ -344,17 +345,17 @@ def cmd_add_domain(args):
 # ---- your own images: analyze and segment ----------------------------------------------------------------
 
 def _own_images_predictor(args):
-    from .predictor import SemLAPredictor
-    from .retrieval import RetrievalConfig
+    from .library.predictor import SemLAPredictor
+    from .core.retrieval import RetrievalConfig
     seg, clip, library = _bundle(args)
     return SemLAPredictor(seg, clip, library, RetrievalConfig(k=args.k, tau=args.tau), device=args.device,
                           batch_size=args.batch_size)
 
 
 def cmd_analyze(args):
-    from .domain_shift import analyze_images
-    from .report_html import write_report
-    from .user_images import find_files
+    from .evaluation.domain_shift import analyze_images
+    from .evaluation.report_html import write_report
+    from .data.user_images import find_files
     find_files(args.paths, args.out)          # a missing path or an empty selection: say so before loading models
     predictor = _own_images_predictor(args)
     analysis = analyze_images(args.paths, predictor, args.classes, args.labels, args.exclude, args.max_images,
@@ -368,8 +369,8 @@ def cmd_analyze(args):
 def cmd_segment(args):
     import io
     from PIL import Image
-    from .data import atomic_write_bytes, read_image
-    from .plots import overlay_with_legend
+    from .data.datasets import atomic_write_bytes, read_image
+    from .evaluation.plots import overlay_with_legend
     if len(args.classes) > 255:
         raise UsageError(f"at most 255 classes fit an 8-bit mask, got {len(args.classes)}")
     image = read_image(args.image)
@@ -403,9 +404,9 @@ def _own_images_options(q):
 
 def cmd_add_prototypes(args):
     """Regenerate each domain's training split, embed it with the library's CLIP, and store its profile."""
-    from .clip import check_embedder, load_clip
-    from .library import AdapterLibrary
-    from .pipeline import fit_domain_profiles
+    from .models.clip import check_embedder, load_clip
+    from .library.index import AdapterLibrary
+    from .workflows.pipeline import fit_domain_profiles
     library = AdapterLibrary(args.library)
     emb = library.embedder
     clip = load_clip(args.clip or emb.get("model", "semla-tiny-clip"), pretrained=args.pretrained,
@@ -435,13 +436,13 @@ def _variant(text: str) -> dict:
 
 def cmd_beyond(args):
     """Every variant leave-one-out and on the held-out domains, for each library (adapter seed)."""
-    from .assets import load_segmenter
-    from .beyond import beyond_table, study
-    from .clip import load_clip
-    from .experiments import EvalConfig
-    from .library import AdapterLibrary
-    from .manifests import manifests_dir
-    from .world.generate import target_domains
+    from .library.assets import load_segmenter
+    from .evaluation.beyond import beyond_table, study
+    from .models.clip import load_clip
+    from .evaluation.experiments import EvalConfig
+    from .library.index import AdapterLibrary
+    from .core.manifests import manifests_dir
+    from .data.world.generate import target_domains
     libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
     variants = {}
     for text in args.variant:
@@ -463,9 +464,9 @@ def cmd_beyond(args):
 def cmd_scale(args):
     """The library-scaling study (scaling.run_scale) in --out; reruns reuse what is there."""
     from dataclasses import replace
-    from .experiments import EvalConfig
-    from .plots import scaling_curves
-    from .scaling import ScaleConfig, run_scale, scaling_table
+    from .evaluation.experiments import EvalConfig
+    from .evaluation.plots import scaling_curves
+    from .workflows.scaling import ScaleConfig, run_scale, scaling_table
     cfg = ScaleConfig(sizes=tuple(args.sizes), pool_size=args.pool_size or max(args.sizes), pool_seed=args.pool_seed,
                       random_orders=args.orders, active=not args.no_active, oracle=not args.no_oracle,
                       query_images=args.query_images)
@@ -686,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import configure_threads, resolve_device
+    from .core.runtime import configure_threads, resolve_device
     args = build_parser().parse_args(argv)
     try:
         args.device = resolve_device(args.device)      # a device this machine lacks: say so before any work

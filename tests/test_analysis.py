@@ -8,16 +8,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from semla_lab.analysis import (compare_centroids, distance_matrix, effective_number, fuse_by_hand,
+from semla_lab.evaluation.analysis import (compare_centroids, distance_matrix, effective_number, fuse_by_hand,
                                 fused_layer_delta, group_means, linear_cross_terms, lora_factors, lora_modules,
                                 masks_miou, method_masks, nearest_centroid_confusion, one_at_a_time, pca_project,
                                 peft_layer_delta, top_confusions, umap_project, weights_vs_tau)
-from semla_lab.experiments import EvalConfig
-from semla_lab.fusion import FusedAdapters
-from semla_lab.library import AdapterLibrary
-from semla_lab.predictor import SemLAPredictor
-from semla_lab.retrieval import RetrievalConfig
-from semla_lab.segmenter import LORA_TARGETS
+from semla_lab.evaluation.experiments import EvalConfig
+from semla_lab.core.fusion import FusedAdapters
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.library.predictor import SemLAPredictor
+from semla_lab.core.retrieval import RetrievalConfig
+from semla_lab.models.segmenter import LORA_TARGETS
 
 
 def _clusters(n=10, d=8, seed=0):
@@ -214,7 +214,7 @@ def test_notebook_plots_smoke():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from semla_lab import plots
+    from semla_lab.evaluation import plots
     pts, labels, centers = _clusters(n=4)
     p, c, _ = pca_project(pts, centers)
     fig = plots.annotate_points(plots.embedding_scatter(p, labels, c, ["a", "b", "c"]), c, ["a", "b", "c"])

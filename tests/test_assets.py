@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from semla_lab import assets, pipeline
+from semla_lab.library import assets
+from semla_lab.workflows import pipeline
 from semla_lab.cli import main
-from semla_lab.library import AdapterLibrary
-from semla_lab.fingerprints import adapter_fingerprints
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.library.fingerprints import adapter_fingerprints
 
 pytestmark = pytest.mark.slow
 

@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 
-from semla_lab.assets import load_segmenter
-from semla_lab.beyond import beyond_table, deltas, worst_below_zero_shot
+from semla_lab.library.assets import load_segmenter
+from semla_lab.evaluation.beyond import beyond_table, deltas, worst_below_zero_shot
 from semla_lab.cli import main
-from semla_lab.clip import load_clip
-from semla_lab.experiments import METHODS, EvalConfig, run_benchmark
-from semla_lab.library import PROFILES, AdapterLibrary
-from semla_lab.predictor import SemLAPredictor
-from semla_lab.retrieval import RetrievalConfig
-from semla_lab.runtime import assets_dir
+from semla_lab.models.clip import load_clip
+from semla_lab.evaluation.experiments import METHODS, EvalConfig, run_benchmark
+from semla_lab.library.index import PROFILES, AdapterLibrary
+from semla_lab.library.predictor import SemLAPredictor
+from semla_lab.core.retrieval import RetrievalConfig
+from semla_lab.core.runtime import assets_dir
 
 OPTIONS = dict(index="kmeans:4", fallback="coverage", fallback_strength=2.0, text_weight=0.3)
 
@@ -102,7 +102,7 @@ def test_bad_options_print_one_line_and_exit_2(capsys, argv, message):
 
 def test_predictor_with_text_and_fallback_explains_the_base_weight(bundle):
     seg, clip, lib = bundle
-    from semla_lab.experiments import load_target
+    from semla_lab.evaluation.experiments import load_target
     target = load_target("nyu", 1)
     p = SemLAPredictor(seg, clip, lib, RetrievalConfig(**OPTIONS), device="cpu")
     assert p.set_image(target.images[0], exclude=["nyu"]) is None           # text-aware: waits for class names

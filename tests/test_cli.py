@@ -55,10 +55,10 @@ def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
         assert (tmp_path / name).is_file(), name
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest) == {"tiny_clip", "segmenter", "library"}
-    from semla_lab.clip import TINY_CLIP
-    from semla_lab.pipeline import nearest_centroid_accuracy
-    from semla_lab.clip import load_clip
+    from semla_lab.models.clip import TINY_CLIP
+    from semla_lab.workflows.pipeline import nearest_centroid_accuracy
+    from semla_lab.models.clip import load_clip
     clip = load_clip(TINY_CLIP, checkpoint=tmp_path / "tiny_clip.safetensors", device="cpu")
     assert manifest["tiny_clip"]["nearest_centroid_accuracy"] == nearest_centroid_accuracy(clip, ["cityscapes", "nyu"])
-    from semla_lab.library import AdapterLibrary
+    from semla_lab.library.index import AdapterLibrary
     assert AdapterLibrary(tmp_path / "library").names() == ["cityscapes", "acdc_fog"]

@@ -6,18 +6,18 @@ import re
 import pytest
 import torch
 
-from semla_lab.assets import load_segmenter
+from semla_lab.library.assets import load_segmenter
 from semla_lab.cli import main
-from semla_lab.clip import load_clip
-from semla_lab.clip_variants import domain_centroids, nearest_centroid_hits, proxy_regret, variant_clip
-from semla_lab.errors import UsageError
-from semla_lab.experiments import evaluate_target
-from semla_lab.sources import load_target
-from semla_lab.library import AdapterLibrary
-from semla_lab.predictor import LibraryModel
-from semla_lab.runtime import assets_dir
-from semla_lab.train import ClipTrainConfig
-from semla_lab.world.generate import generate, get_domain, web_corpus
+from semla_lab.models.clip import load_clip
+from semla_lab.workflows.clip_variants import domain_centroids, nearest_centroid_hits, proxy_regret, variant_clip
+from semla_lab.core.errors import UsageError
+from semla_lab.evaluation.experiments import evaluate_target
+from semla_lab.data.sources import load_target
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.library.predictor import LibraryModel
+from semla_lab.core.runtime import assets_dir
+from semla_lab.training.train import ClipTrainConfig
+from semla_lab.data.world.generate import generate, get_domain, web_corpus
 
 CONDITION = re.compile(r"\b(foggy|rainy|snowy|noisy|blurry|low-resolution|bright|dark|warm-toned|cool-toned|greenish)\b"
                        r"| at night| at dusk")
@@ -70,7 +70,7 @@ def test_evaluate_target_retrieves_with_the_given_embedder(bundle):
 
 def test_a_trained_variant_records_its_captions_and_is_reused(tmp_path, monkeypatch):
     cfg = ClipTrainConfig(steps=2, batch=8, corpus=32)
-    monkeypatch.setattr("semla_lab.pipeline.target_domains", lambda: ["acdc_fog", "nyu"])   # quick accuracy check
+    monkeypatch.setattr("semla_lab.workflows.pipeline.target_domains", lambda: ["acdc_fog", "nyu"])   # quick accuracy check
     clip = variant_clip("no_conditions", cfg, tmp_path, "cpu", progress=False)
     manifest = json.loads((tmp_path / "no_conditions" / "manifest.json").read_text())
     assert manifest["tiny_clip"]["config"]["captions"] == "no_conditions"

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from semla_lab.data import (DataError, SegmentationDataset, read_image, read_label, read_manifest,
+from semla_lab.data.datasets import (DataError, SegmentationDataset, read_image, read_label, read_manifest,
                             write_dataset)
-from semla_lab.world.generate import generate, shipped_domains
+from semla_lab.data.world.generate import generate, shipped_domains
 
 
 @pytest.fixture
@@ -98,7 +98,7 @@ def test_unreadable_truncated_and_non_image_files(tmp_path):
 
 
 def test_huge_image_refused(tmp_path, monkeypatch):
-    import semla_lab.data as data
+    import semla_lab.data.datasets as data
     monkeypatch.setattr(data, "MAX_PIXELS", 100)
     path = _save(tmp_path / "big.png", np.zeros((20, 20, 3), dtype=np.uint8))
     with pytest.raises(DataError, match="pixel limit"):
@@ -133,13 +133,13 @@ def test_dataset_item_with_mismatched_label_names_both(dataset):
     ("no/such/image.png", "not found"),
 ])
 def test_predictor_image_inputs_rejected_clearly(bad, message):
-    from semla_lab.predictor import as_image_tensor
+    from semla_lab.library.predictor import as_image_tensor
     with pytest.raises((ValueError, DataError), match=message):
         as_image_tensor(bad)
 
 
 def test_predictor_accepts_path_pil_array_and_tensor(tmp_path):
-    from semla_lab.predictor import as_image_tensor
+    from semla_lab.library.predictor import as_image_tensor
     arr = np.random.default_rng(0).integers(0, 255, (5, 6, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "x.png")
     ref = torch.from_numpy(arr).permute(2, 0, 1).float() / 255
@@ -148,13 +148,13 @@ def test_predictor_accepts_path_pil_array_and_tensor(tmp_path):
 
 
 def test_empty_domain_cannot_train_or_evaluate(tiny_segmenter):
-    from semla_lab.experiments import load_target
-    from semla_lab.train import train_adapter
+    from semla_lab.evaluation.experiments import load_target
+    from semla_lab.training.train import train_adapter
     with pytest.raises(ValueError, match="needs training images"):
         train_adapter(tiny_segmenter, torch.zeros(2, 64), torch.zeros(0, 3, 64, 64, dtype=torch.uint8),
                       torch.zeros(0, 64, 64, dtype=torch.uint8), "unused", "base")
     import yaml
-    from semla_lab.world.generate import mini_dir
+    from semla_lab.data.world.generate import mini_dir
     spec = yaml.safe_load((mini_dir() / "nyu.yaml").read_text())
     spec.update(name="empty", splits={"train": 10, "test": 0})
     with tempfile.TemporaryDirectory() as tmp:

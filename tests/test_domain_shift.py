@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from semla_lab.cli import main
-from semla_lab.domain_shift import analyze, analyze_images, borrowed, coverage_scores, spread_sample
-from semla_lab.predictor import SemLAPredictor
-from semla_lab.retrieval import Retrieval
-from semla_lab.world.photos import CORRUPT, vocabulary_classes, write_photo_folder
+from semla_lab.evaluation.domain_shift import analyze, analyze_images, borrowed, coverage_scores, spread_sample
+from semla_lab.library.predictor import SemLAPredictor
+from semla_lab.core.retrieval import Retrieval
+from semla_lab.data.world.photos import CORRUPT, vocabulary_classes, write_photo_folder
 
 HELD_OUT = str(Path(__file__).resolve().parents[1] / "semla_lab/data_manifests/heldout/indian_rain_lowres.yaml")
 SMALL = ((48, 40), (64, 64), (80, 56), (40, 72), (96, 96))          # quick to write and to segment
@@ -109,7 +109,7 @@ def test_analyze_folder_writes_report_csv_and_figures(capsys, photos, tmp_path):
 
 @pytest.fixture(scope="module")
 def reference(predictor):
-    from semla_lab.domain_shift import in_domain_reference
+    from semla_lab.evaluation.domain_shift import in_domain_reference
     return in_domain_reference(predictor.clip, predictor.library, predictor.library.names())
 
 
@@ -217,8 +217,8 @@ def test_bad_input_gives_one_line_and_writes_nothing(capsys, tmp_path, photos):
 def test_library_without_regenerable_domains_degrades_gracefully(predictor, photos, tmp_path):
     """A library whose domains are not mini-world domains: no in-domain reference, coverage NaN, PCA map, the
     summary says so, and the report still renders."""
-    from semla_lab.library import AdapterLibrary
-    from semla_lab.report_html import write_report
+    from semla_lab.library.index import AdapterLibrary
+    from semla_lab.evaluation.report_html import write_report
     shipped = predictor.library
     lib = AdapterLibrary.create(tmp_path / "lib", shipped.embedder, shipped.base_model, shipped.lora_config)
     sites = ["cityscapes", "nyu", "acdc_night", "ade", "idd", "bdd"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from semla_lab.engine import INSTALL, Engine
-from semla_lab.errors import UsageError
+from semla_lab.core.engine import INSTALL, Engine
+from semla_lab.core.errors import UsageError
 
 
 def seeded_sum(seed: int) -> tuple[float, int]:

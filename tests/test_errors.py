@@ -3,12 +3,12 @@ them as one line with exit status 2 and lets anything else (a bug) propagate wit
 import pytest
 
 from semla_lab import cli
-from semla_lab.clip import ClipLoadError
-from semla_lab.data import DataError
-from semla_lab.errors import MissingFileError, SemlaError, UnknownNameError, UsageError
-from semla_lab.library import LibraryError
-from semla_lab.real_data import MissingDataError
-from semla_lab.world.spec import SpecError
+from semla_lab.models.clip import ClipLoadError
+from semla_lab.data.datasets import DataError
+from semla_lab.core.errors import MissingFileError, SemlaError, UnknownNameError, UsageError
+from semla_lab.library.index import LibraryError
+from semla_lab.data.real_data import MissingDataError
+from semla_lab.data.world.spec import SpecError
 
 
 @pytest.mark.parametrize("cls, builtin", [

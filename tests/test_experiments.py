@@ -4,13 +4,13 @@ import json
 import pytest
 import torch
 
-from semla_lab.assets import load_segmenter
-from semla_lab.clip import load_clip
-from semla_lab.experiments import (METHODS, EvalConfig, ablation_grid, format_table, gap_closed, load_target,
+from semla_lab.library.assets import load_segmenter
+from semla_lab.models.clip import load_clip
+from semla_lab.evaluation.experiments import (METHODS, EvalConfig, ablation_grid, format_table, gap_closed, load_target,
                                    run_ablation, run_benchmark)
-from semla_lab.library import AdapterLibrary
-from semla_lab.predictor import LibraryModel, SemLAPredictor
-from semla_lab.runtime import assets_dir
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.library.predictor import LibraryModel, SemLAPredictor
+from semla_lab.core.runtime import assets_dir
 
 TARGETS = ["acdc_fog", "nyu"]
 
@@ -72,14 +72,14 @@ def test_oracle_is_the_targets_own_adapter(bundle):
     seg, clip, lib = bundle
     engine = LibraryModel(seg, lib, "cpu")
     target = load_target("acdc_fog", 4)
-    from semla_lab.clip import embed_class_names
+    from semla_lab.models.clip import embed_class_names
     text = embed_class_names(clip, target.class_names)
     x = target.images.float() / 255
     own = engine.logits(x, text, torch.full((4, 1), engine.names.index("acdc_fog")), torch.ones(4, 1))
     other = engine.logits(x, text, torch.full((4, 1), engine.names.index("nyu")), torch.ones(4, 1))
-    from semla_lab.experiments import evaluate_target
+    from semla_lab.evaluation.experiments import evaluate_target
     scores, _ = evaluate_target(engine, clip, target, ["oracle", "zero_shot"], EvalConfig(batch_size=4))
-    from semla_lab.metrics import MIoU
+    from semla_lab.core.metrics import MIoU
     meter = MIoU(len(target.class_names))
     meter.update(own.argmax(1), target.labels.long())
     assert scores["oracle"] == pytest.approx(meter.compute()["miou"])
@@ -88,7 +88,7 @@ def test_oracle_is_the_targets_own_adapter(bundle):
 
 def test_unseen_target_has_no_oracle(bundle, tmp_path):
     import yaml
-    from semla_lab.world.generate import mini_dir
+    from semla_lab.data.world.generate import mini_dir
     spec = yaml.safe_load((mini_dir() / "cityscapes.yaml").read_text())
     spec.update(name="unseen_dusk_fog", factors={"dusk": 0.6, "fog": 0.5})
     (tmp_path / "unseen.yaml").write_text(yaml.safe_dump(spec))
@@ -134,10 +134,10 @@ def test_predictor_explains_its_choice(bundle):
 def test_segmenter_transfers_to_names_it_never_trained_with(bundle):
     """Open vocabulary: held-out synonyms (never used in base training, only seen by CLIP in
     captions) work far better than chance and than the same names assigned to the wrong classes."""
-    from semla_lab.experiments import evaluate_model
-    from semla_lab.world.concepts import HELD_OUT_NAMES
-    from semla_lab.world.generate import generate
-    from semla_lab.world.spec import validate_spec
+    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.data.world.concepts import HELD_OUT_NAMES
+    from semla_lab.data.world.generate import generate
+    from semla_lab.data.world.spec import validate_spec
     seg, clip, _ = bundle
     held_out = {"road": "roadway", "sidewalk": "footpath", "building": "facade", "grass": "lawn",
                 "car": "automobile", "person": "human", "sky": "sky", "vegetation": "bush", "pole": "post"}
@@ -154,8 +154,8 @@ def test_segmenter_transfers_to_names_it_never_trained_with(bundle):
 
 def test_dataset_folder_is_a_target(bundle, tmp_path):
     """Any dataset folder in the shared format (here written from a mini-world domain) can be evaluated."""
-    from semla_lab.data import write_dataset
-    from semla_lab.world.generate import generate, shipped_domains
+    from semla_lab.data.datasets import write_dataset
+    from semla_lab.data.world.generate import generate, shipped_domains
     spec = shipped_domains()["acdc_rain"]
     data = generate(spec, "test", 4)
     write_dataset(tmp_path / "mine", "mine", spec.class_names,

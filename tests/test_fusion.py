@@ -5,8 +5,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from semla_lab.fusion import FusedAdapters, peft_weighted_forward
-from semla_lab.segmenter import LORA_TARGETS
+from semla_lab.core.fusion import FusedAdapters, peft_weighted_forward
+from semla_lab.models.segmenter import LORA_TARGETS
 
 NAMES = ["a0", "a1", "a2", "a3", "a4"]
 TOL = dict(atol=2e-4, rtol=1e-4)
@@ -161,8 +161,8 @@ KINDS = {"plain": {}, "rslora": {"use_rslora": True},
 def test_library_model_equals_peft_for_each_honoured_lora_field(kind, tiny_segmenter, tmp_path):
     """A library of peft adapters with this LoRA setting, fused per image by LibraryModel == peft's
     add_weighted_adapter(cat) forward; a single adapter through that reference == peft's own adapter."""
-    from semla_lab.library import AdapterLibrary
-    from semla_lab.predictor import LibraryModel
+    from semla_lab.library.index import AdapterLibrary
+    from semla_lab.library.predictor import LibraryModel
     lora = {"r": 4, "lora_alpha": 8, "target_modules": LORA_TARGETS, **KINDS[kind]}
     torch.manual_seed(0)
     peft_model = get_peft_model(copy.deepcopy(tiny_segmenter), LoraConfig(**lora, init_lora_weights=False),
@@ -246,7 +246,7 @@ def test_threads_sharing_one_model_each_get_their_own_selection(setup):
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from semla_lab.fusion import FusedLoRALinear, Selection, selecting  # noqa: E402
+from semla_lab.core.fusion import FusedLoRALinear, Selection, selecting  # noqa: E402
 
 
 def _layer(L=4, r=2, d_in=6, d_out=5, seed=0):

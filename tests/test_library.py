@@ -19,8 +19,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save, save_file
 from torch import nn
 
-import semla_lab.library as library
-from semla_lab.library import AdapterLibrary, LibraryError, import_loradb
+import semla_lab.library.index as library
+from semla_lab.library.index import AdapterLibrary, LibraryError, import_loradb
 
 D = 16
 BASE = "tiny-base"
@@ -253,7 +253,7 @@ def test_honoured_lora_fields_are_recorded_and_must_agree(tmp_path, adapters, ki
 
 
 def test_lora_scaling_per_module_follows_peft(adapters):
-    from semla_lab.library import lora_scaling
+    from semla_lab.library.index import lora_scaling
     for kind, lora in [("a", LORA), ("rslora", {**LORA, "use_rslora": True}),
                        ("alpha_lin1", {**LORA, "alpha_pattern": {"lin1": 16}}),
                        ("rank_lin1", {**LORA, "rank_pattern": {"lin1": 3}})]:
@@ -307,7 +307,7 @@ def test_other_math_changing_adapter_fields_are_refused(lib, adapters, tmp_path,
 def test_library_written_before_lora_fields_opens_with_peft_defaults(lib, adapters):
     """An index that records only r, lora_alpha, target_modules (as written before) reads as peft's defaults;
     an rsLoRA adapter such a library took in then is refused when loaded, not fused at the wrong scale."""
-    from semla_lab.library import lora_scaling
+    from semla_lab.library.index import lora_scaling
     lib.add("a", adapters["a"], centroid(1), 1)
     shutil.copytree(adapters["rslora"], lib.root / "adapters" / "rs")
     index = json.loads((lib.root / "index.json").read_text())

@@ -1,4 +1,4 @@
-"""LoRA from scratch (semla_lab.lora) against peft, merging, and the helpers of notebooks 02-03."""
+"""LoRA from scratch (semla_lab.models.lora) against peft, merging, and the helpers of notebooks 02-03."""
 import copy
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 from peft import LoraConfig, get_peft_model
 
-from semla_lab.lora import (LoRALinear, describe_adapter, load_adapter, load_peft_factors,
+from semla_lab.models.lora import (LoRALinear, describe_adapter, load_adapter, load_peft_factors,
                             lora_output_change, parameter_counts)
-from semla_lab.segmenter import LiveAttention
+from semla_lab.models.segmenter import LiveAttention
 
 
 class _Wrap(nn.Module):
@@ -92,11 +92,11 @@ def test_describe_load_and_transfer_a_saved_adapter(tmp_path, tiny_segmenter, ti
     x, text = torch.rand(1, 3, 64, 64), nn.functional.normalize(torch.randn(3, 64), dim=-1)
     with torch.no_grad():
         assert torch.allclose(load_adapter(tiny_segmenter, tmp_path)(x, text), model(x, text), atol=1e-5)
-    from semla_lab.transfer import adapter_transfer
+    from semla_lab.evaluation.transfer import adapter_transfer
     table = adapter_transfer(tiny_segmenter, tiny_clip_random, tmp_path, ["cityscapes"], max_images=2)
     assert list(table.columns) == ["zero_shot", "adapted", "gain"] and list(table.index) == ["cityscapes"]
-    from semla_lab.experiments import evaluate_model
-    from semla_lab.world.generate import generate, get_domain
+    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.data.world.generate import generate, get_domain
     data = generate(get_domain("cityscapes"), "test", 2)
     zero_shot = evaluate_model(tiny_segmenter, tiny_clip_random, data)
     adapted = evaluate_model(model, tiny_clip_random, data)
@@ -106,7 +106,7 @@ def test_describe_load_and_transfer_a_saved_adapter(tmp_path, tiny_segmenter, ti
 
 
 def test_target_liveness_of_raw_open_clip_blocks_vs_the_segmenter(tiny_clip_random, tiny_segmenter):
-    from semla_lab.lora import target_liveness
+    from semla_lab.models.lora import target_liveness
     x = torch.rand(1, 3, 64, 64)
     raw = target_liveness(tiny_clip_random.model.visual, (x,), ["transformer.resblocks.0.attn.out_proj",
                                                                   "transformer.resblocks.0.attn.in_proj",
@@ -122,7 +122,7 @@ def test_target_liveness_of_raw_open_clip_blocks_vs_the_segmenter(tiny_clip_rand
 
 def test_notebook_plot_helpers_draw_what_they_are_given():
     import matplotlib.pyplot as plt
-    from semla_lab import plots
+    from semla_lab.evaluation import plots
     img = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
     fig = plots.image_grid({"a": [img, img.float() / 255], "b": [img]}, col_titles=["x", "y"])
     assert len(fig.axes) == 4 and fig.axes[0].get_title() == "x"

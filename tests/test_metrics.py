@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from semla_lab.errors import UsageError
-from semla_lab.metrics import MIoU, confusion_matrix, harmonic_mean, iou_per_class, mean_iou
+from semla_lab.core.errors import UsageError
+from semla_lab.core.metrics import MIoU, confusion_matrix, harmonic_mean, iou_per_class, mean_iou
 
 # 2x3 map, 3 classes, one ignored pixel (its prediction 2 must not count):
 #   target [[0, 0, 1],      pred [[0, 1, 1],
@@ -135,7 +135,7 @@ def test_confusion_matrix_bad_arguments():
 
 
 def test_batched_miou_equals_mean_iou_per_matrix():
-    from semla_lab.metrics import batched_miou
+    from semla_lab.core.metrics import batched_miou
     gen = torch.Generator().manual_seed(0)
     conf = torch.randint(0, 20, (5, 4, 4), generator=gen)
     conf[2, 3, :] = 0
@@ -153,7 +153,7 @@ def _images(n, classes, wrong, seed):
 
 
 def test_paired_bootstrap_matches_a_plain_resampling_loop():
-    from semla_lab.metrics import paired_bootstrap
+    from semla_lab.core.metrics import paired_bootstrap
     a = {"x": _images(12, 3, 0.1, 1), "y": _images(9, 4, 0.3, 2)}
     b = {"x": _images(12, 3, 0.4, 1), "y": _images(9, 4, 0.3, 3)}
     got = paired_bootstrap(a, b, resamples=200, seed=5)
@@ -178,7 +178,7 @@ def test_paired_bootstrap_matches_a_plain_resampling_loop():
 
 
 def test_paired_bootstrap_of_a_method_against_itself_is_zero_and_needs_matching_domains():
-    from semla_lab.metrics import paired_bootstrap
+    from semla_lab.core.metrics import paired_bootstrap
     a = {"x": _images(6, 3, 0.2, 1)}
     same = paired_bootstrap(a, a, resamples=50)
     assert same["hmean"] == {"delta": 0.0, "low": 0.0, "high": 0.0}

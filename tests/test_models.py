@@ -9,8 +9,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import save_file
 
-from semla_lab.clip import ClipLoadError, embed_class_names, embed_images, load_clip, load_state_dict_file
-from semla_lab.segmenter import LORA_TARGETS, LiveAttention, build_segmenter
+from semla_lab.models.clip import ClipLoadError, embed_class_names, embed_images, load_clip, load_state_dict_file
+from semla_lab.models.segmenter import LORA_TARGETS, LiveAttention, build_segmenter
 
 
 def test_unknown_model_and_offline_tag_give_actionable_errors():
@@ -134,7 +134,7 @@ def test_real_architecture_builds_with_the_same_targets(arch, layers, width):
 
 
 def test_resolve_device_names_a_device_this_machine_lacks(monkeypatch):
-    from semla_lab.runtime import resolve_device
+    from semla_lab.core.runtime import resolve_device
     monkeypatch.delenv("SEMLA_DEVICE", raising=False)
     assert resolve_device("cpu") == torch.device("cpu")
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")

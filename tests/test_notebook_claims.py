@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from semla_lab.runtime import assets_dir
+from semla_lab.core.runtime import assets_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,12 +1,12 @@
-"""Benchmark outputs read back and compared (semla_lab.outputs, notebooks 07-09), on synthetic results."""
+"""Benchmark outputs read back and compared (semla_lab.evaluation.outputs, notebooks 07-09), on synthetic results."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from semla_lab import outputs
-from semla_lab.retrieval import RetrievalConfig, retrieve
+from semla_lab.evaluation import outputs
+from semla_lab.core.retrieval import RetrievalConfig, retrieve
 
 DOMAINS = ["a", "b", "c"]
 
@@ -14,7 +14,7 @@ DOMAINS = ["a", "b", "c"]
 def _results():
     per = {"zero_shot": [20.0, 30.0, 40.0], "uniform": [30.0, 35.0, 45.0], "semla": [35.0, 33.0, 38.0],
            "oracle": [40.0, 45.0, 50.0]}
-    from semla_lab.experiments import summarize
+    from semla_lab.evaluation.experiments import summarize
     return summarize({d: {m: v[i] for m, v in per.items()} for i, d in enumerate(DOMAINS)}, dict.fromkeys(DOMAINS, 2))
 
 

@@ -6,20 +6,22 @@ import os
 import pytest
 import torch
 
-from semla_lab import fingerprints, methods, pipeline
-from semla_lab.clip import try_load_clip
-from semla_lab.experiments import EvalConfig, evaluate_target
-from semla_lab.library import AdapterLibrary
-from semla_lab.lora import lora_target_table
-from semla_lab.predictor import LibraryModel
-from semla_lab.real_data import missing_data_message, real_data_status
-from semla_lab.real_layout import write_real_layout
-from semla_lab.outputs import load_benchmark, records_from_retrieval
-from semla_lab.runtime import quiet_known_warnings
-from semla_lab.segmenter import build_segmenter
-from semla_lab.sources import load_split
-from semla_lab.train import AdapterConfig
-from semla_lab.world.spec import write_spec
+from semla_lab.library import fingerprints
+from semla_lab.evaluation import methods
+from semla_lab.workflows import pipeline
+from semla_lab.models.clip import try_load_clip
+from semla_lab.evaluation.experiments import EvalConfig, evaluate_target
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.models.lora import lora_target_table
+from semla_lab.library.predictor import LibraryModel
+from semla_lab.data.real_data import missing_data_message, real_data_status
+from semla_lab.data.real_layout import write_real_layout
+from semla_lab.evaluation.outputs import load_benchmark, records_from_retrieval
+from semla_lab.core.runtime import quiet_known_warnings
+from semla_lab.models.segmenter import build_segmenter
+from semla_lab.data.sources import load_split
+from semla_lab.training.train import AdapterConfig
+from semla_lab.data.world.spec import write_spec
 
 
 def add_split(library, split, segmenter, clip, cfg, tmp_path):
@@ -34,7 +36,7 @@ def add_split(library, split, segmenter, clip, cfg, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_library(tmp_path_factory, tiny_segmenter, tiny_clip_random):
-    from semla_lab.world.generate import generate, get_domain
+    from semla_lab.data.world.generate import generate, get_domain
     root = tmp_path_factory.mktemp("lib") / "library"
     lib = AdapterLibrary.create(root, embedder=tiny_clip_random.identity(True), base_model="tiny-test",
                                 lora={"r": 2, "lora_alpha": 4, "target_modules": AdapterConfig().target_modules})
@@ -55,7 +57,7 @@ def test_staged_adapters_build_a_usable_library(tiny_library):
 
 
 def test_method_predictions_match_the_engine(tiny_library, tiny_segmenter, tiny_clip_random):
-    from semla_lab.clip import embed_class_names
+    from semla_lab.models.clip import embed_class_names
     lib, data = tiny_library
     engine = LibraryModel(tiny_segmenter, lib, "cpu")
     split = data["acdc_night"]
@@ -109,8 +111,8 @@ def test_fingerprints_show_only_the_added_and_removed_domain(tiny_library, tiny_
 
 
 def test_write_spec_round_trips_through_get_domain(tmp_path):
-    from semla_lab.world.generate import get_domain
-    from semla_lab.world.spec import validate_spec
+    from semla_lab.data.world.generate import get_domain
+    from semla_lab.data.world.spec import validate_spec
     spec = validate_spec({"name": "foggy_dusk", "dataset": "idd", "scene": "street", "style": "indian",
                           "factors": {"fog": 0.6, "dusk": 0.7}, "vocabulary": {"road": "road", "sky": "sky"},
                           "splits": {"train": 10, "test": 5}, "seed": 3})
@@ -130,7 +132,7 @@ def test_try_load_clip_returns_message_instead_of_raising():
 
 @pytest.fixture
 def no_data_env(monkeypatch, tmp_path):
-    from semla_lab.real_data import DATA_ROOT_ENV, load_real_spec, real_dataset_names
+    from semla_lab.data.real_data import DATA_ROOT_ENV, load_real_spec, real_dataset_names
     for name in real_dataset_names():
         monkeypatch.delenv(load_real_spec(name).root_env, raising=False)
     monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "data"))
@@ -150,7 +152,7 @@ def test_status_and_missing_message(no_data_env, monkeypatch):
 
 @pytest.mark.parametrize("dataset", ["cityscapes", "acdc", "ade20k", "pascal_context", "nyu", "muses", "coconut"])
 def test_write_real_layout_reads_back_through_real_dataset(dataset, tmp_path, monkeypatch):
-    from semla_lab.real_data import RealDataset, load_real_spec
+    from semla_lab.data.real_data import RealDataset, load_real_spec
     spec = load_real_spec(dataset)
     names = [spec.classes[0], spec.classes[-1], "not-a-class-here"]
     g = torch.Generator().manual_seed(0)
@@ -201,7 +203,7 @@ def saved_clip(clip, path):
 def test_recipe_end_to_end_on_fake_real_layouts(tmp_path, monkeypatch, no_data_env, tiny_clip_random):
     """The whole recipe (base training, adapters, library, benchmark) on mini-world images written in the
     Cityscapes and ACDC layouts: the same code a GPU run executes on the real folders."""
-    from semla_lab.train import SegTrainConfig
+    from semla_lab.training.train import SegTrainConfig
     write_fake_real_data(tmp_path, monkeypatch)
     models = pipeline.Models(checkpoint=saved_clip(tiny_clip_random, tmp_path / "clip.safetensors"))
     out = tmp_path / "run"
@@ -220,7 +222,7 @@ def test_recipe_end_to_end_on_fake_real_layouts(tmp_path, monkeypatch, no_data_e
     assert all(r["target"] not in r["chosen"] for r in recs), "leave-one-out on real targets too"
     with pytest.raises(KeyError, match="unknown real domain"):
         pipeline.run_recipe(["real:atlantis"], tmp_path / "bad", models)
-    from semla_lab.real_data import MissingDataError
+    from semla_lab.data.real_data import MissingDataError
     with pytest.raises(MissingDataError, match=r"adapters replay 16 source images per step; AdapterConfig\(replay=0\)"):
         pipeline.add_domains(["real:cityscapes"], tmp_path / "no_source", models, AdapterConfig(r=2, lora_alpha=4, steps=2),
                              replay_source="real:coco_stuff", image_size=32, progress=False)
@@ -259,7 +261,7 @@ def test_build_library_command_on_real_layouts(tmp_path, monkeypatch, no_data_en
     """`build-library --domains real:... --clip --checkpoint --segmenter --image-size` (the shape of the
     ViT-B-16 command, with the tiny CLIP: no weights can be downloaded here), then add-domain resumes."""
     from semla_lab.cli import main
-    from semla_lab.runtime import assets_dir
+    from semla_lab.core.runtime import assets_dir
     write_fake_real_data(tmp_path, monkeypatch, train=4, val=2)
     out = tmp_path / "library"
     common = ["--clip", "semla-tiny-clip", "--checkpoint", str(assets_dir() / "tiny_clip.safetensors"),

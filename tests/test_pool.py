@@ -2,13 +2,13 @@
 import pytest
 import torch
 
-from semla_lab.errors import UsageError
-from semla_lab.manifests import manifests_dir
-from semla_lab.world.concepts import SCENE_KINDS
-from semla_lab.world.generate import generate, get_domain, shipped_domains
-from semla_lab.world.pool import (VOCAB_COVERAGE, WEATHER, domain_pool, read_pool, vocabulary_fits,
+from semla_lab.core.errors import UsageError
+from semla_lab.core.manifests import manifests_dir
+from semla_lab.data.world.concepts import SCENE_KINDS
+from semla_lab.data.world.generate import generate, get_domain, shipped_domains
+from semla_lab.data.world.pool import (VOCAB_COVERAGE, WEATHER, domain_pool, read_pool, vocabulary_fits,
                                   write_pool)
-from semla_lab.world.spec import to_dict
+from semla_lab.data.world.spec import to_dict
 
 
 def test_same_seed_same_pool_and_smaller_pools_are_prefixes():

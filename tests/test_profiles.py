@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from semla_lab.errors import UsageError
-from semla_lab.library import PROFILES, AdapterLibrary, LibraryError
-from semla_lab.profiles import fit_profile, kind_distances, parse_index, stack, vocabulary_embedding
-from semla_lab.retrieval import DomainIndex, RetrievalConfig, retrieve
+from semla_lab.core.errors import UsageError
+from semla_lab.library.index import PROFILES, AdapterLibrary, LibraryError
+from semla_lab.core.profiles import fit_profile, kind_distances, parse_index, stack, vocabulary_embedding
+from semla_lab.core.retrieval import DomainIndex, RetrievalConfig, retrieve
 
 from test_library import BASE, D, EMBEDDER, LORA, adapters, make_adapter  # noqa: F401  (fixture)
 
@@ -74,7 +74,7 @@ def test_gmm_distance_equals_euclidean_for_one_isotropic_component():
     """The documented scaling: sqrt(2 s^2 (NLL - NLL*)) = ||x - mu|| for one isotropic component."""
     mu, var = torch.randn(1, 1, D), torch.full((1, 1, D), 0.02)
     stacked = {"means": mu, "variances": var, "log_weights": torch.zeros(1, 1), "scale2": torch.tensor([0.02])}
-    from semla_lab.profiles import gmm_nll
+    from semla_lab.core.profiles import gmm_nll
     stacked["nll_floor"] = gmm_nll(mu[0], stacked)[0]
     q = torch.randn(5, D)
     assert torch.allclose(kind_distances(q, "gmm:1", stacked)[:, 0], (q - mu[0]).norm(dim=1), rtol=1e-4)
@@ -85,7 +85,7 @@ def test_gmm_log_likelihood_matches_sklearn():
     x = clusters(1)
     prof = fit_profile(x, x.mean(0), ["gmm:2"])
     gm = GaussianMixture(2, covariance_type="diag", reg_covar=1e-4, random_state=0).fit(x.double().numpy())
-    from semla_lab.profiles import gmm_nll
+    from semla_lab.core.profiles import gmm_nll
     q = clusters(7, n=6)
     ours = gmm_nll(q.double(), {k: v[None].double() for k, v in prof.models["gmm:2"].items()})[:, 0]
     assert torch.allclose(ours, -torch.from_numpy(gm.score_samples(q.double().numpy())), rtol=1e-4, atol=1e-3)
@@ -262,8 +262,8 @@ def test_library_copy_opens_with_profiles(profiled, tmp_path):
 
 def test_search_finds_the_exhaustive_top_k_on_a_large_library():
     """The GEMM preselection + exact re-measure equals sorting exact distances to every domain."""
-    from semla_lab.profiles import DomainProfile
-    from semla_lab.retrieval import top_k
+    from semla_lab.core.profiles import DomainProfile
+    from semla_lab.core.retrieval import top_k
     g = torch.Generator().manual_seed(3)
     n, p = 2000, 4
     means = F.normalize(torch.randn(n, p, D, generator=g), dim=-1)

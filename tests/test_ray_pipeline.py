@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from semla_lab import pipeline
-from semla_lab.engine import Engine
-from semla_lab.library import AdapterLibrary
-from semla_lab.train import AdapterConfig
+from semla_lab.workflows import pipeline
+from semla_lab.core.engine import Engine
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.training.train import AdapterConfig
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_a_driver_killed_mid_build_leaves_a_library_that_a_rerun_completes(ray_s
 
 
 def test_ray_leave_one_out_equals_serial(ray_session, serial_build):
-    from semla_lab.experiments import EvalConfig
+    from semla_lab.evaluation.experiments import EvalConfig
     models = pipeline.Models(library=str(serial_build))
     cfg = EvalConfig(k=2, max_images=4)
     serial = pipeline.evaluate(DOMAINS[:3], models, cfg=cfg, progress=False)

@@ -11,8 +11,8 @@ import torch
 import yaml
 from PIL import Image
 
-from semla_lab.data import IGNORE_INDEX, DataError
-from semla_lab.real_data import (DATA_ROOT_ENV, MissingDataError, RealDataset, dataset_root, load_real_spec,
+from semla_lab.data.datasets import IGNORE_INDEX, DataError
+from semla_lab.data.real_data import (DATA_ROOT_ENV, MissingDataError, RealDataset, dataset_root, load_real_spec,
                                  real_dataset_names, real_domains, real_manifests_dir)
 
 NUM_CLASSES = {"acdc": 19, "muses": 19, "cityscapes": 19, "bdd100k": 19, "idd": 26, "mapillary": 65,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from semla_lab.retrieval import (Retrieval, RetrievalConfig, distances, retrieve, softmax_weights,
+from semla_lab.core.retrieval import (Retrieval, RetrievalConfig, distances, retrieve, softmax_weights,
                                  top_k, uniform_weights)
 
 # 1-D library: centroids at 0, 1, 3; query 0.9 -> distances 0.9, 0.1, 2.1
@@ -202,7 +202,7 @@ def test_retrieval_is_a_plain_record():
 
 
 def test_centroid_index_equals_retrieve_on_large_library():
-    from semla_lab.retrieval import CentroidIndex
+    from semla_lab.core.retrieval import CentroidIndex
     g = torch.Generator().manual_seed(0)
     centroids = torch.randn(3000, 16, generator=g)
     names = [f"d{i}" for i in range(3000)]

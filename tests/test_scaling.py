@@ -6,12 +6,12 @@ import shutil
 import pytest
 
 from semla_lab.cli import main
-from semla_lab.engine import Engine
-from semla_lab.errors import UsageError
-from semla_lab.experiments import EvalConfig
-from semla_lab.library import WEIGHTS, AdapterLibrary
-from semla_lab.scaling import ScaleConfig, curve_summary, run_scale, scaling_table
-from semla_lab.train import AdapterConfig
+from semla_lab.core.engine import Engine
+from semla_lab.core.errors import UsageError
+from semla_lab.evaluation.experiments import EvalConfig
+from semla_lab.library.index import WEIGHTS, AdapterLibrary
+from semla_lab.workflows.scaling import ScaleConfig, curve_summary, run_scale, scaling_table
+from semla_lab.training.train import AdapterConfig
 
 TARGETS = ["data_manifests/heldout/office_night.yaml", "data_manifests/heldout/park_snow_dusk.yaml"]
 TINY = ["--sizes", "2,3", "--orders", "2", "--k", "2", "--max-images", "4", "--query-images", "4", "--steps", "2",

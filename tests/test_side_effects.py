@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from semla_lab import cli
-from semla_lab.clip import try_load_clip
-from semla_lab.clip import embed_class_names, embed_images, load_clip
+from semla_lab.models.clip import try_load_clip
+from semla_lab.models.clip import embed_class_names, embed_images, load_clip
 
 
 @pytest.fixture
@@ -65,8 +65,8 @@ def test_embedding_leaves_the_model_where_it_is(tiny_clip_random):
 
 
 def test_evaluate_model_uses_the_models_device(tiny_clip_random, tiny_segmenter, monkeypatch):
-    from semla_lab.experiments import evaluate_model
-    from semla_lab.world.generate import generate, get_domain
+    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.data.world.generate import generate, get_domain
     monkeypatch.setenv("SEMLA_DEVICE", "cuda")          # would fail on this CPU machine if it were read
     miou = evaluate_model(tiny_segmenter, tiny_clip_random, generate(get_domain("nyu"), "test", 2))
     assert 0 <= miou <= 100

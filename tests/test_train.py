@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from semla_lab.errors import SemlaError
-from semla_lab.train import AdapterConfig, Replay, train_adapter
-from semla_lab.world.generate import generate, get_domain
+from semla_lab.core.errors import SemlaError
+from semla_lab.training.train import AdapterConfig, Replay, train_adapter
+from semla_lab.data.world.generate import generate, get_domain
 
 
 def _data(name, n=8):

@@ -4,14 +4,14 @@ import json
 import pytest
 import torch
 
-from semla_lab.assets import load_segmenter
-from semla_lab.clip import load_clip
-from semla_lab.experiments import EvalConfig, format_table, load_target, run_benchmark
-from semla_lab.library import AdapterLibrary
-from semla_lab.metrics import harmonic_mean
-from semla_lab.predictor import LibraryModel
-from semla_lab.runtime import assets_dir
-from semla_lab.transfer import summarize_transfer, target_transfer, transfer_matrix
+from semla_lab.library.assets import load_segmenter
+from semla_lab.models.clip import load_clip
+from semla_lab.evaluation.experiments import EvalConfig, format_table, load_target, run_benchmark
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.core.metrics import harmonic_mean
+from semla_lab.library.predictor import LibraryModel
+from semla_lab.core.runtime import assets_dir
+from semla_lab.evaluation.transfer import summarize_transfer, target_transfer, transfer_matrix
 
 
 def _payload():
@@ -97,9 +97,9 @@ def test_benchmark_table_has_domains_as_rows_and_fits_120_columns(bundle):
 
 
 def test_class_ious_average_to_the_models_miou(bundle):
-    from semla_lab.experiments import evaluate_model
-    from semla_lab.lora import load_adapter
-    from semla_lab.transfer import class_ious
+    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.models.lora import load_adapter
+    from semla_lab.evaluation.transfer import class_ious
     seg, clip, lib = bundle
     target = load_target("ade", 6)
     adapted = load_adapter(seg, lib.adapter_path("cityscapes"))
@@ -111,7 +111,7 @@ def test_class_ious_average_to_the_models_miou(bundle):
 
 def test_vocabulary_effect_marks_concepts_the_adapter_was_trained_on():
     import pandas as pd
-    from semla_lab.transfer import vocabulary_effect
+    from semla_lab.evaluation.transfer import vocabulary_effect
     ious = pd.DataFrame({"zero_shot": [50.0, 40.0, float("nan")], "a": [55.0, 30.0, 10.0]},
                         index=["road", "tree", "sofa"])
     table = vocabulary_effect(ious, {"road": "road", "vegetation": "tree", "sofa": "sofa"},

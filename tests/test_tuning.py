@@ -4,16 +4,16 @@ import json
 
 import pytest
 
-from semla_lab import tuning
-from semla_lab.assets import load_segmenter
+from semla_lab.evaluation import tuning
+from semla_lab.library.assets import load_segmenter
 from semla_lab.cli import main
-from semla_lab.clip import load_clip
-from semla_lab.errors import UsageError
-from semla_lab.experiments import EvalConfig, ablation_grid
-from semla_lab.library import AdapterLibrary
-from semla_lab.runtime import assets_dir
-from semla_lab.tuning import canonical, held_out_tuning, split_domains
-from semla_lab.world.generate import get_domain, target_domains
+from semla_lab.models.clip import load_clip
+from semla_lab.core.errors import UsageError
+from semla_lab.evaluation.experiments import EvalConfig, ablation_grid
+from semla_lab.library.index import AdapterLibrary
+from semla_lab.core.runtime import assets_dir
+from semla_lab.evaluation.tuning import canonical, held_out_tuning, split_domains
+from semla_lab.data.world.generate import get_domain, target_domains
 
 SCENES = {"s1": {"street": 1.0}, "s2": {"street": 1.0}, "s3": {"street": 1.0}, "s4": {"street": 1.0},
           "i1": {"indoor": 1.0}, "m1": {"street": 0.5, "park": 0.5}, "m2": {"indoor": 0.5, "park": 0.5},

@@ -3,10 +3,10 @@ import pytest
 import torch
 import yaml
 
-from semla_lab.world.concepts import CONCEPT_ID, SCENE_KINDS
-from semla_lab.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
+from semla_lab.data.world.concepts import CONCEPT_ID, SCENE_KINDS
+from semla_lab.data.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
                                       shipped_domains, target_domains, web_corpus)
-from semla_lab.world.spec import FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec
+from semla_lab.data.world.spec import FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec
 
 SPECS = shipped_domains()
 
@@ -97,7 +97,7 @@ def test_captions_name_scene_conditions_and_classes():
 
 
 def test_condition_words_name_every_factor_present_and_style_sometimes():
-    from semla_lab.world.generate import condition_words
+    from semla_lab.data.world.generate import condition_words
     plain = {k: FACTORS[k][0] for k in FACTORS}
     assert condition_words(plain) == []
     nyu_like = {**plain, "noise": 0.06, "blur": 1.0, "resolution": 0.5, "cast_r": 1.1, "cast_b": 0.85}

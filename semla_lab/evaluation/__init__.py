@@ -1,0 +1,1 @@
+"""Evaluation: methods, the leave-one-out benchmark, diagnostics, analyses and plots."""

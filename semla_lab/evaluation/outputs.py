@@ -1,0 +1,143 @@
+"""Benchmark outputs, read back and compared: what `semla-lab evaluate --out` (experiments.run_benchmark)
+wrote, as tables for notebooks 07-09.
+
+load_benchmark -> (results.json payload, selections.jsonl records); paper_comparison, per_domain_deltas,
+failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed, retrieval_stats;
+records_from_retrieval turns a live retrieval into such records.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from ..core.errors import MissingFileError, UsageError
+from .experiments import gap_closed
+
+# Table 1 of the paper (20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU.
+PAPER_HMEAN = {"zero_shot": 39.4, "uniform": 51.9, "semla": 54.2, "oracle": 61.1}
+
+
+def read_selections(path: str | Path) -> list[dict]:
+    """selections.jsonl -> one dict per test image (image_id, target, distances, chosen, weights, ms)."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_benchmark(folder: str | Path) -> tuple[dict, list[dict]]:
+    """The results.json payload and the selections.jsonl records of a benchmark folder."""
+    folder = Path(folder)
+    if not (folder / "results.json").is_file():
+        raise MissingFileError(f"no results.json in {folder}; produce it with "
+                                f"`semla-lab evaluate --out {folder.name}` (several minutes on a CPU)")
+    payload = json.loads((folder / "results.json").read_text())
+    sel = folder / "selections.jsonl"
+    return payload, (read_selections(sel) if sel.is_file() else [])
+
+
+def _results(payload_or_results: dict) -> dict:
+    return payload_or_results.get("results", payload_or_results)
+
+
+def paper_comparison(payload_or_results: dict) -> pd.DataFrame:
+    """Per method: our h-mean and gap closed next to the paper's (NaN where the paper has none)."""
+    from .experiments import gap_closed
+    results = _results(payload_or_results)
+    gaps = gap_closed(results)
+    zs, orc = PAPER_HMEAN["zero_shot"], PAPER_HMEAN["oracle"]
+    rows = {m: {"h-mean": r["hmean"], "h-mean (paper)": PAPER_HMEAN.get(m, np.nan),
+                "gap closed": gaps.get(m, np.nan),
+                "gap closed (paper)": (PAPER_HMEAN[m] - zs) / (orc - zs) if m in PAPER_HMEAN else np.nan}
+            for m, r in results.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def per_domain_deltas(payload_or_results: dict, method: str = "semla") -> pd.DataFrame:
+    """One row per domain: every method's mIoU, then `method` minus zero-shot and minus uniform, and
+    oracle minus `method` (what is left), sorted by the gain over uniform (worst first)."""
+    results = _results(payload_or_results)
+    table = pd.DataFrame({m: r["per_domain"] for m, r in results.items()})
+    out = table.copy()
+    for base in ("zero_shot", "uniform"):
+        if base in table and base != method:
+            out[f"{method} - {base}"] = table[method] - table[base]
+    if "oracle" in table:
+        out[f"oracle - {method}"] = table["oracle"] - table[method]
+    key = f"{method} - uniform" if f"{method} - uniform" in out else method
+    return out.sort_values(key)
+
+
+def failure_cases(payload_or_results: dict, method: str = "semla", baselines: Sequence[str] = ("uniform", "zero_shot"),
+                  margin: float = 0.0) -> pd.DataFrame:
+    """Domains where `method` scores below a baseline by more than `margin` mIoU points: the scores, the
+    largest shortfall and which baselines beat it, worst first (empty frame if there is none)."""
+    results = _results(payload_or_results)
+    baselines = [b for b in baselines if b in results and b != method]
+    rows = {}
+    for d, score in results[method]["per_domain"].items():
+        beaten_by = [b for b in baselines if results[b]["per_domain"].get(d, -np.inf) > score + margin]
+        if beaten_by:
+            short = max(results[b]["per_domain"][d] - score for b in beaten_by)
+            rows[d] = {method: score, **{b: results[b]["per_domain"][d] for b in baselines},
+                       "shortfall": round(short, 2), "beaten by": ", ".join(beaten_by)}
+    cols = [method, *baselines, "shortfall", "beaten by"]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=cols).sort_values("shortfall", ascending=False)
+
+
+def borrow_matrix(records: Iterable[dict], sources: Sequence[str] | None = None,
+                  targets: Sequence[str] | None = None) -> pd.DataFrame:
+    """Target x library domain: the mean fusion weight each target's images gave each library domain
+    (0 when never retrieved). Rows sum to 1. Sources default to the library order of the records."""
+    records = list(records)
+    if not records:
+        raise UsageError("borrow_matrix needs at least one selection record")
+    sources = list(sources or records[0]["distances"])
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for r in records:
+        row = sums.setdefault(r["target"], np.zeros(len(sources)))
+        for name, w in zip(r["chosen"], r["weights"]):
+            row[sources.index(name)] += w
+        counts[r["target"]] = counts.get(r["target"], 0) + 1
+    targets = list(targets or sums)
+    return pd.DataFrame([sums[t] / counts[t] for t in targets], index=pd.Index(targets, name="target"),
+                        columns=pd.Index(sources, name="library domain"))
+
+
+def top_borrowed(matrix: pd.DataFrame, n: int = 3) -> pd.DataFrame:
+    """The `n` library domains each target leans on most, as 'name (weight)' strings."""
+    rows = {t: [f"{s} ({w:.2f})" for s, w in row.sort_values(ascending=False).head(n).items() if w > 0]
+            for t, row in matrix.iterrows()}
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[f"#{i + 1}" for i in range(n)])
+
+
+def retrieval_stats(records: Iterable[dict]) -> pd.DataFrame:
+    """Per target: mean distance to its own centroid (when the library holds it) and to the nearest
+    retrieved one, mean top-1 weight, effective number of adapters 1/sum(w^2), and the most frequent
+    top-1 domain with its share of images."""
+    by_target: dict[str, list[dict]] = {}
+    for r in records:
+        by_target.setdefault(r["target"], []).append(r)
+    rows = {}
+    for t, recs in by_target.items():
+        top1 = pd.Series([r["chosen"][0] for r in recs]).value_counts()
+        w = [np.asarray(r["weights"]) for r in recs]
+        rows[t] = {"d own": np.mean([r["distances"][t] for r in recs]) if t in recs[0]["distances"] else np.nan,
+                   "d top-1": np.mean([r["distances"][r["chosen"][0]] for r in recs]),
+                   "w top-1": np.mean([x[0] for x in w]),
+                   "effective K": np.mean([1.0 / (x ** 2).sum() for x in w]),
+                   "usual top-1": top1.index[0], "share": top1.iloc[0] / len(recs), "images": len(recs)}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def records_from_retrieval(retrieval, target: str, ids: Sequence[str] | None = None) -> list[dict]:
+    """selections.jsonl-style records for a retrieval.Retrieval of Q queries (for borrow_matrix etc.)."""
+    q = retrieval.indices.shape[0]
+    ids = list(ids) if ids is not None else [f"{target}/{i}" for i in range(q)]
+    return [{"image_id": ids[i], "target": target,
+             "distances": {n: float(d) for n, d in zip(retrieval.names, retrieval.distances[i])},
+             "chosen": [retrieval.names[j] for j in retrieval.indices[i].tolist()],
+             "weights": [float(w) for w in retrieval.weights[i]]} for i in range(q)]

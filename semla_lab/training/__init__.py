@@ -1,0 +1,1 @@
+"""Training: the tiny CLIP, the base segmenter and LoRA adapters."""
