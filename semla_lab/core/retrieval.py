@@ -213,6 +213,20 @@ def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str
     return Retrieval(indices=indices, weights=weights, distances=dist, names=names)
 
 
+def checked_exclusion(names: Sequence[str], exclude: Iterable[str] | str, k: int) -> tuple[list[str], int]:
+    """The excluded names as a list and how many library entries remain; a UsageError for unknown names or a
+    k outside [1, remaining]."""
+    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+    unknown = [n for n in excluded if n not in names]
+    if unknown:
+        raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
+    available = len(names) - len(set(excluded))
+    if not 1 <= k <= available:
+        raise UsageError(f"k={k} must be in [1, {available}]: {available} library entries are available "
+                         "(not excluded)")
+    return excluded, available
+
+
 class CentroidIndex:
     """A library's centroids validated once and searched many times (libraries of thousands).
 
@@ -246,13 +260,7 @@ class CentroidIndex:
         _check_finite(q, "queries")
         if q.shape[1] != self.centroids.shape[1]:
             raise UsageError(f"query dimension {q.shape[1]} != centroid dimension {self.centroids.shape[1]}")
-        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
-        unknown = [n for n in excluded if n not in self.names]
-        if unknown:
-            raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
-        available = len(self.names) - len(set(excluded))
-        if not 1 <= config.k <= available:
-            raise UsageError(f"k={config.k} but {available} library entries are available")
+        excluded, available = checked_exclusion(self.names, exclude, config.k)
         scores = torch.addmm(self.sq_norms, q, self._columns, alpha=-2)    # squared distance - |q|^2: same order
         if excluded:
             scores[:, [self.names.index(n) for n in excluded]] = float("inf")
@@ -381,13 +389,7 @@ class DomainIndex:
         if config.is_paper:
             return retrieve(queries, self.centroids, self.names, config, exclude)
         q = self._queries(queries)
-        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
-        unknown = [n for n in excluded if n not in self.names]
-        if unknown:
-            raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
-        available = len(self.names) - len(set(excluded))
-        if not 1 <= config.k <= available:
-            raise UsageError(f"k={config.k} must be in [1, {available}] (library entries not excluded)")
+        excluded, available = checked_exclusion(self.names, exclude, config.k)
         lam = config.text_weight
         if lam > 0 and class_text is None:
             raise UsageError("text_weight > 0 needs the test-time class names (class_text)")
