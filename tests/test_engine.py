@@ -1,5 +1,6 @@
-"""engine.Engine: the serial and Ray paths give the same results; a Ray task whose worker dies is
-rerun; a job's own error reaches the caller as itself; without Ray, --ray says how to install it."""
+"""engine.Engine: the serial and Ray paths give the same results (also with a shared input); a Ray task
+whose worker dies is rerun; a job's own error reaches the caller as itself; preloaded modules are
+imported as workers start; without Ray, --ray says how to install it."""
 from __future__ import annotations
 
 import functools
@@ -29,6 +30,15 @@ def dies_once(marker: Path, item: int) -> int:
     return 10 * item
 
 
+def shifted(item: int, shared: torch.Tensor) -> list[int]:
+    return (shared + item).tolist()
+
+
+def imported(name: str) -> bool:
+    """Whether the process running this has already imported module `name`."""
+    return name in sys.modules
+
+
 def refuses(item: int) -> int:
     raise UsageError(f"item {item} is not allowed")
 
@@ -45,9 +55,10 @@ def test_an_engine_starts_and_stops_its_own_local_cluster(monkeypatch):
     ray = importable_ray()
     assert not ray.is_initialized(), "runs before the module's ray_session fixture starts a cluster"
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with Engine(ray=True, num_cpus=2) as engine:
+    with Engine(ray=True, num_cpus=2, preload=("wave",)) as engine:
         assert ray.cluster_resources()["CPU"] == 2
         assert dict(engine.map(seeded_sum, [5])) == dict(Engine().map(seeded_sum, [5]))
+        assert dict(engine.map(imported, ["wave"])) == {"wave": True}, "preloaded as the worker started"
     assert not ray.is_initialized(), "runs before the module's ray_session fixture starts a cluster"
 
 
@@ -75,6 +86,18 @@ def test_ray_results_equal_serial_with_the_driver_thread_count(ray_session):
     assert remote == serial
     assert {threads for _, threads in remote.values()} == {torch.get_num_threads()}
     assert ray_session.is_initialized(), "an Engine must not shut down a session it did not start"
+
+
+def test_workers_import_only_what_they_need_without_preload(ray_session):
+    with Engine(ray=True) as engine:
+        assert dict(engine.map(imported, ["wave"])) == {"wave": False}
+
+
+def test_a_shared_value_reaches_every_job_as_in_the_serial_run(ray_session):
+    shared = torch.arange(3)
+    serial = dict(Engine().map(shifted, [0, 10], shared=shared))
+    with Engine(ray=True) as engine:
+        assert dict(engine.map(shifted, [0, 10], shared=shared)) == serial == {0: [0, 1, 2], 10: [10, 11, 12]}
 
 
 def test_a_task_whose_worker_dies_is_retried(ray_session, tmp_path):

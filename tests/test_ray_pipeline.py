@@ -34,12 +34,12 @@ def library_bytes(root: Path) -> dict[str, bytes]:
     return {**files, "centroids": centroids.read_bytes()}
 
 
-def dies_once(marker: Path, job, item):
-    """Run `job(item)`, but kill the worker process the first time any task gets here."""
+def dies_once(marker: Path, job, item, *shared):
+    """Run `job(item, *shared)`, but kill the worker process the first time any task gets here."""
     if not marker.exists():
         marker.touch()
         os._exit(1)
-    return job(item)
+    return job(item, *shared)
 
 
 class DyingOnce(Engine):

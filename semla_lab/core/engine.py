@@ -18,12 +18,18 @@ and `ray.wait` hands results back as they complete:
   the serial run. A task whose worker dies (killed, out of memory) is rerun up to `retries` times;
   an exception raised by the job is not retried and reaches the caller as itself.
 - Jobs must be picklable (module-level functions or functools.partial of them) and should take and
-  return small values (paths, configs, seeds), writing large results to files.
+  return small values (paths, configs, seeds), writing large results to files. A large input that every
+  job reads (the replayed source images) is `map(..., shared=value)`: the job is called `fn(item, value)`,
+  and Ray puts the value in its object store once instead of every worker rebuilding it.
+- `Engine(preload=("package.module",))` imports those modules in every Ray worker of the command as it
+  starts (Ray's worker_process_setup_hook), while the driver loads its own models and data, instead of
+  in each worker's first task.
 Ray is the optional extra `pip install 'semla_lab[cluster]'`; without it `Engine(ray=True)` is a
 UsageError saying so.
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Callable, Iterable, Iterator, TypeVar
 
@@ -35,6 +41,7 @@ from .runtime import configure_threads
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 INSTALL = "pip install 'semla_lab[cluster]'"
+PRELOAD_VAR = "SEMLA_RAY_PRELOAD"
 
 
 def import_ray():
@@ -46,19 +53,27 @@ def import_ray():
     return ray
 
 
-def _run_job(fn: Callable, item, threads: int):
+def preload_modules() -> None:
+    """Ray worker setup hook: import the modules named (comma-separated) in $SEMLA_RAY_PRELOAD."""
+    for name in filter(None, os.environ.get(PRELOAD_VAR, "").split(",")):
+        importlib.import_module(name)
+
+
+def _run_job(fn: Callable, item, threads: int, *shared):
     """The body of every Ray task: the driver's torch thread count, then the job."""
     configure_threads(threads)
-    return fn(item)
+    return fn(item, *shared)
 
 
 class Engine:
     """Runs `fn(item)` jobs serially (default) or as Ray tasks; use it as a context manager."""
 
-    def __init__(self, ray: bool = False, address: str | None = None, num_cpus: int | None = None):
+    def __init__(self, ray: bool = False, address: str | None = None, num_cpus: int | None = None,
+                 preload: tuple[str, ...] = ()):
         self.ray = bool(ray or address)
         self.address = address or (os.environ.get("RAY_ADDRESS") if self.ray else None)
         self.num_cpus = num_cpus
+        self.preload = tuple(preload)
         self._ray = None
         self._owns_session = False
 
@@ -67,11 +82,13 @@ class Engine:
             return self
         ray = import_ray()
         if not ray.is_initialized():
+            env = {"env_vars": {PRELOAD_VAR: ",".join(self.preload)},
+                   "worker_process_setup_hook": f"{__name__}.preload_modules"} if self.preload else None
             if self.address:
-                ray.init(address=self.address, logging_level="WARNING")
+                ray.init(address=self.address, logging_level="WARNING", runtime_env=env)
             else:
                 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-                ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level="WARNING")
+                ray.init(num_cpus=self.num_cpus, include_dashboard=False, logging_level="WARNING", runtime_env=env)
             self._owns_session = True
         self._ray = ray
         return self
@@ -85,21 +102,24 @@ class Engine:
         where = f"ray at {self.address}" if self.address else "ray, local cluster" if self.ray else "serial"
         return f"Engine({where})"
 
-    def map(self, fn: Callable[[Item], Result], items: Iterable[Item], *, gpus: float = 0.0, retries: int = 3,
-            ordered: bool = False) -> Iterator[tuple[Item, Result]]:
-        """(item, fn(item)) for every item: serially in input order, or on Ray as tasks complete
-        (in input order with `ordered`). All tasks are submitted at once; Ray schedules them."""
+    def map(self, fn: Callable[..., Result], items: Iterable[Item], *, gpus: float = 0.0, retries: int = 3,
+            ordered: bool = False, shared=None) -> Iterator[tuple[Item, Result]]:
+        """(item, fn(item)) for every item, or (item, fn(item, shared)) when `shared` is given: serially in
+        input order, or on Ray as tasks complete (in input order with `ordered`). All tasks are submitted
+        at once; Ray schedules them."""
         items = list(items)
+        extra = () if shared is None else (shared,)
         if not self.ray:
             for item in items:
-                yield item, fn(item)
+                yield item, fn(item, *extra)
             return
         if self._ray is None:
             raise UsageError("Engine(ray=True).map runs inside `with Engine(...) as engine:`")
         ray = self._ray
         task = ray.remote(_run_job).options(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
         threads = torch.get_num_threads()
-        refs = {task.remote(fn, item, threads): item for item in items}
+        extra = tuple(ray.put(value) for value in extra)           # once; tasks receive the value itself
+        refs = {task.remote(fn, item, threads, *extra): item for item in items}
         pending = list(refs)
         while pending:
             if ordered:

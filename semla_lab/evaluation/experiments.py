@@ -30,23 +30,16 @@ from ..data.split import Split
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """Every retrieval / fusion knob of the benchmark, with the paper's defaults."""
-    k: int = 5
-    tau: float = 0.05
-    metric: str = "euclidean"     # or "cosine"
-    weighting: str = "softmax"    # or "uniform" over the top-K
-    fusion: str = "cat"           # weight-level fusion of `semla`: "cat" (paper) or "linear" (peft)
+class EvalConfig(RetrievalConfig):
+    """A benchmark run: the retrieval knobs (RetrievalConfig's fields, the paper's defaults) plus how the
+    retrieved adapters are fused and how many test images are read, in which batches and at what size."""
+    fusion: str = "cat"            # weight-level fusion of `semla`: "cat" (paper) or "linear" (peft)
     batch_size: int = 50
     max_images: int | None = None  # per target domain; None = the whole test split
     image_size: int | None = None  # resize dataset-folder and real targets to this size
-    index: str = "centroid"        # beyond the paper (retrieval.py): "kmeans:P" / "gmm:P" prototypes,
-    fallback: str = "none"         # "coverage": the base model as a null adapter outside coverage,
-    fallback_strength: float = 1.0  # its beta,
-    text_weight: float = 0.0       # lambda of text-aware retrieval
 
     def __post_init__(self):
-        self.retrieval   # validates
+        super().__post_init__()
         if self.fusion not in FUSION_TYPES:
             raise UsageError(f"unknown fusion {self.fusion!r}; expected one of {FUSION_TYPES}")
         if self.batch_size < 1:
@@ -54,8 +47,8 @@ class EvalConfig:
 
     @property
     def retrieval(self) -> RetrievalConfig:
-        return RetrievalConfig(self.k, self.tau, self.metric, self.weighting, self.index, self.fallback,
-                               self.fallback_strength, self.text_weight)
+        """The retrieval knobs alone."""
+        return RetrievalConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(RetrievalConfig)})
 
     @property
     def paper_retrieval(self) -> RetrievalConfig:
@@ -65,7 +58,7 @@ class EvalConfig:
     @property
     def extra_method(self) -> str | None:
         """The method name of SemLA with this config's options beyond the paper, None if none is on."""
-        return None if self.retrieval.is_paper else self.retrieval.label
+        return None if self.is_paper else self.label
 
 
 def config_methods(methods, cfg: EvalConfig, replace_semla: bool = False) -> list[str]:

@@ -197,22 +197,28 @@ class AdapterJob:
     image_size: int | None = None
 
 
-def train_adapter_job(job: AdapterJob) -> dict:
+def build_replay(models: Models, cfg: AdapterConfig, source: str | None, image_size: int | None) -> Replay | None:
+    """The source images a build's adapters replay (None when cfg.replay is 0): built once by the driver
+    and handed to every job (`Engine.map(..., shared=...)`), on the CPU."""
+    if not cfg.replay:
+        return None
+    if source is None:
+        raise UsageError(f"AdapterConfig.replay={cfg.replay} needs a replay source (the base-training "
+                         "source); pass one or set replay=0")
+    from ..data.real_data import MissingDataError
+    try:
+        replay = _replay(models, (_stamp(models.checkpoint),), source, None, image_size)
+    except MissingDataError as e:
+        raise MissingDataError(f"{e} (adapters replay {cfg.replay} source images per step; "
+                               "AdapterConfig(replay=0) trains without them)") from None
+    return Replay(replay.images, replay.labels, replay.text.cpu())
+
+
+def train_adapter_job(job: AdapterJob, replay: Replay | None = None) -> dict:
     """The unit of work of a library build: load the models and the domain's train split, train into a
     fresh folder under job.staging (a retried task writes a new one), return its description."""
     clip, segmenter = load_models(job.models)
     data = load_split(job.source, "train", job.max_images, job.image_size)
-    replay = None
-    if job.cfg.replay:
-        if job.replay_source is None:
-            raise UsageError(f"AdapterConfig.replay={job.cfg.replay} needs a replay source (the base-training "
-                             "source); pass one or set replay=0")
-        from ..data.real_data import MissingDataError
-        try:
-            replay = _replay(job.models, (_stamp(job.models.checkpoint),), job.replay_source, None, job.image_size)
-        except MissingDataError as e:
-            raise MissingDataError(f"{e} (adapters replay {job.cfg.replay} source images per step; "
-                                   "AdapterConfig(replay=0) trains without them)") from None
     folder = Path(job.staging) / f"{data.name}-{secrets.token_hex(4)}"
     folder.mkdir(parents=True)
     return train_staged(segmenter, clip, data, folder, job.base_model, json.loads(job.embedder_json), job.cfg,
@@ -281,7 +287,8 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
         jobs = [AdapterJob(s, models.on_worker(gpus) if engine.ray else models, cfg, base,
                            json.dumps(library.embedder, sort_keys=True), str(stage), replay_source, max_images,
                            image_size) for s in todo]
-        done = engine.map(train_adapter_job, jobs, gpus=gpus, ordered=True)
+        replay = build_replay(models, cfg, replay_source, image_size) if jobs else None
+        done = engine.map(train_adapter_job, jobs, gpus=gpus, ordered=True, shared=replay)
         for job, staged in tqdm(done, total=len(jobs), desc="adapters", disable=not progress):
             commit_staged(library, staged)
             added[staged["name"]] = staged["info"]
