@@ -23,6 +23,13 @@ def built(tmp_path_factory):
     return root
 
 
+def test_the_built_library_holds_the_profiles_notebook_10_uses(built):
+    profiles = AdapterLibrary(built / "library").profiles()
+    assert list(profiles) == ["cityscapes", "acdc_fog"]
+    assert all(p.kinds == ["centroid", *pipeline.SHIPPED_PROFILES] and p.vocabulary is not None
+               for p in profiles.values())
+
+
 def snapshot(root):
     return ({n: assets.file_digest(root / n) for n in ("tiny_clip.safetensors", "segmenter.safetensors",
                                                       "manifest.json")},

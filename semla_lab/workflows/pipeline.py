@@ -432,17 +432,21 @@ def build_segmenter_asset(root: Path, cfg: SegTrainConfig = SegTrainConfig(), he
     return info
 
 
+SHIPPED_PROFILES = ("kmeans:2", "kmeans:4", "kmeans:8", "gmm:2", "gmm:4")   # the index kinds of notebook 10
+
+
 def build_library(root: Path, cfg: AdapterConfig = AdapterConfig(), domains: list[str] | None = None,
                   device=None, progress=True, engine: Engine | None = None) -> dict:
     """One adapter per target domain (default: every shipped one) into root/library, around root's tiny
-    CLIP and segmenter; resumes a library already there."""
+    CLIP and segmenter, then every domain's profiles (SHIPPED_PROFILES); resumes a library already there."""
     device = str(resolve_device(device))
     models = Models(checkpoint=str(root / "tiny_clip.safetensors"), segmenter=str(root / "segmenter.safetensors"),
                     device=device)
     built = add_domains(domains or target_domains(), root / "library", models, cfg, engine,
                         replay_source=SOURCE_DOMAIN if cfg.replay else None, progress=progress)
+    fit_domain_profiles(AdapterLibrary(root / "library"), load_models(models)[0], SHIPPED_PROFILES, progress=progress)
     info = {"config": asdict(cfg), "seconds": built["seconds"], "domains": built["added"],
-            "threads": torch.get_num_threads()}
+            "profiles": list(SHIPPED_PROFILES), "threads": torch.get_num_threads()}
     update_manifest(root, "library", info)
     return info
 
