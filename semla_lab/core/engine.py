@@ -23,7 +23,7 @@ and `ray.wait` hands results back as they complete:
   and Ray puts the value in its object store once instead of every worker rebuilding it.
 - `Engine(preload=("package.module",))` imports those modules in every Ray worker of the command as it
   starts (Ray's worker_process_setup_hook), while the driver loads its own models and data, instead of
-  in each worker's first task.
+  in each worker's first task; it applies when the Engine opens the Ray session itself.
 Ray is the optional extra `pip install 'semla_lab[cluster]'`; without it `Engine(ray=True)` is a
 UsageError saying so.
 """
