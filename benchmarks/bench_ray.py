@@ -34,7 +34,6 @@ from semla_lab.training.train import AdapterConfig
 DOMAINS = ["cityscapes", "acdc_fog", "nyu", "ade"]
 METHODS = ("zero_shot", "uniform", "semla", "oracle")
 OVERHEAD_TASKS = 40
-PRELOAD = ("semla_lab.workflows.pipeline",)                  # as the CLI's engine (cli._engine)
 
 
 def library_bytes(root: Path) -> dict[str, bytes]:
@@ -49,7 +48,7 @@ def run_mode(workers: int | None, work: Path, cfg: AdapterConfig, eval_cfg: Eval
     t0 = time.perf_counter()
     pipeline._replay.cache_clear()                           # every mode builds its replay split itself
     pipeline._load.cache_clear()
-    with Engine(ray=workers is not None, num_cpus=workers, preload=PRELOAD) as engine:
+    with Engine(ray=workers is not None, num_cpus=workers, preload=pipeline.WORKER_PRELOAD) as engine:
         if workers is not None:
             list(engine.map(abs, range(workers)))          # workers started and preloaded before the clock
         ready = time.perf_counter()

@@ -87,8 +87,8 @@ def _engine(args):
     """Where the command's jobs run: serially, or as Ray tasks with --ray / --ray-address (engine.py), on
     workers that import the pipeline as they start."""
     from .core.engine import Engine
-    return Engine(ray=args.ray, address=args.ray_address, num_cpus=args.num_cpus,
-                  preload=("semla_lab.workflows.pipeline",))
+    from .workflows.pipeline import WORKER_PRELOAD
+    return Engine(ray=args.ray, address=args.ray_address, num_cpus=args.num_cpus, preload=WORKER_PRELOAD)
 
 
 def cmd_build(args):

@@ -118,8 +118,8 @@ class Engine:
         ray = self._ray
         task = ray.remote(_run_job).options(num_cpus=1, num_gpus=gpus, max_retries=retries, retry_exceptions=False)
         threads = torch.get_num_threads()
-        extra = tuple(ray.put(value) for value in extra)           # once; tasks receive the value itself
-        refs = {task.remote(fn, item, threads, *extra): item for item in items}
+        stored = tuple(ray.put(value) for value in extra)          # once; tasks receive the value itself
+        refs = {task.remote(fn, item, threads, *stored): item for item in items}
         pending = list(refs)
         while pending:
             if ordered:

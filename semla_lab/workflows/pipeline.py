@@ -183,6 +183,9 @@ def add_domain(library: AdapterLibrary, data: Split, segmenter: OVSegmenter, cli
     return staged["info"]
 
 
+WORKER_PRELOAD = (__name__,)   # what Ray workers import as they start (Engine(preload=...)): this module's jobs
+
+
 @dataclass(frozen=True)
 class AdapterJob:
     """Train the adapter of one source's domain into `staging`: everything a Ray task needs, by name."""
@@ -192,7 +195,6 @@ class AdapterJob:
     base_model: str
     embedder_json: str                 # the library's embedder, as JSON (hashable)
     staging: str
-    replay_source: str | None = SOURCE_DOMAIN
     max_images: int | None = None
     image_size: int | None = None
 
@@ -285,7 +287,7 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
     t0, added = time.time(), {}
     with staging_folder(out) as stage:
         jobs = [AdapterJob(s, models.on_worker(gpus) if engine.ray else models, cfg, base,
-                           json.dumps(library.embedder, sort_keys=True), str(stage), replay_source, max_images,
+                           json.dumps(library.embedder, sort_keys=True), str(stage), max_images,
                            image_size) for s in todo]
         replay = build_replay(models, cfg, replay_source, image_size) if jobs else None
         done = engine.map(train_adapter_job, jobs, gpus=gpus, ordered=True, shared=replay)
