@@ -36,6 +36,9 @@ def test_summary_figures_follow_their_definitions():
     assert s["worst_uniform"] == ("a", -1.5)
     assert s["regret_per_target"] == {"a": 2.0, "b": 0.0, "c": 2.5}  # best other single minus top-1
     assert s["regret"] == pytest.approx(1.5)
+    assert s["first_choice"] == {"a": "b", "b": "a", "c": "b"}        # the most frequent first choice (tie: first seen)
+    assert s["first_choice_regret_per_target"] == {"a": 8.0, "b": 0.0, "c": 1.5}   # best other minus that adapter alone
+    assert s["first_choice_regret"] == pytest.approx(9.5 / 3, abs=0.01)
     assert s["indoor_to_street"] == {"a": "b"}                     # indoor-only a retrieved street-only b first
     assert s["oracle_hmean"] == pytest.approx(harmonic_mean([40, 30, 55]), abs=0.01)
     assert s["oracle_gain"] == pytest.approx(s["oracle_hmean"] - harmonic_mean([30, 20, 50]), abs=0.01)

@@ -7,6 +7,9 @@ states the properties that real LoRA libraries have and a stand-in library shoul
   harm     share of off-domain (target, adapter) pairs more than `margin` mIoU below zero-shot
   uniform  uniform merge minus zero-shot, per target (real: about zero or better)
   regret   best other single adapter minus per-image top-1 retrieval, mean over targets
+  first-choice regret  best other single adapter minus the adapter the target's images retrieve first
+           most often, alone (issue 13's definition: "the one SemLA ranks first"); per-image regret
+           also counts the images whose first choice differs from the majority's
   oracle   h-mean of each target's own adapter minus the zero-shot h-mean
   scene    indoor-only targets whose most retrieved domain is street-only (should be none)
 
@@ -106,16 +109,20 @@ def summarize_transfer(payload: dict, margin: float = 2.0) -> dict:
     per = payload["targets"]
     scenes = payload.get("scenes", {})
     off = [(t, a, s - r["zero_shot"]) for t, r in per.items() for a, s in r["adapters"].items() if a != t]
-    regret = {t: round(max(s for a, s in r["adapters"].items() if a != t) - r["top1"], 2) for t, r in per.items()}
+    best_other = {t: max(s for a, s in r["adapters"].items() if a != t) for t, r in per.items()}
+    regret = {t: round(best_other[t] - r["top1"], 2) for t, r in per.items()}
+    first = {t: next(iter(r["top1_domains"]), None) for t, r in per.items()}   # most often retrieved first
+    first_regret = {t: round(best_other[t] - per[t]["adapters"][a], 2) for t, a in first.items() if a is not None}
     uniform = {t: round(r["uniform"] - r["zero_shot"], 2) for t, r in per.items()}
     own = [t for t in per if t in per[t]["adapters"]]
     street_only = {n for n, s in scenes.items() if set(s) == {"street"}}
-    crossed = {t: next(iter(r["top1_domains"])) for t, r in per.items()
-               if set(scenes.get(t, {})) == {"indoor"} and next(iter(r["top1_domains"]), None) in street_only}
+    crossed = {t: a for t, a in first.items() if set(scenes.get(t, {})) == {"indoor"} and a in street_only}
     out = {"harm": round(sum(d < -margin for *_, d in off) / max(len(off), 1), 3), "harm_margin": margin,
            "off_domain_pairs": len(off), "uniform_minus_zero_shot": uniform,
            "worst_uniform": min(uniform.items(), key=lambda kv: kv[1]),
            "regret": round(sum(regret.values()) / len(regret), 2), "regret_per_target": regret,
+           "first_choice": first, "first_choice_regret_per_target": first_regret,
+           "first_choice_regret": round(sum(first_regret.values()) / max(len(first_regret), 1), 2),
            "indoor_to_street": crossed,
            "zero_shot_hmean": round(harmonic_mean(r["zero_shot"] for r in per.values()), 2)}
     if own:
@@ -155,7 +162,8 @@ def format_transfer(summary: dict) -> str:
     lines = [f"off-domain harm: {100 * summary['harm']:.0f}% of {summary['off_domain_pairs']} pairs more than "
              f"{summary['harm_margin']:g} mIoU below zero-shot",
              f"uniform merge - zero-shot: worst {worst[1]:+.1f} ({worst[0]})",
-             f"retrieval regret (best other adapter - top-1 retrieved): {summary['regret']:.2f} mIoU mean",
+             f"retrieval regret (best other adapter - top-1 retrieved): {summary['regret']:.2f} mIoU mean per image, "
+             f"{summary['first_choice_regret']:.2f} for the adapter each target retrieves first most often",
              f"indoor-only targets retrieving a street-only domain first: {summary['indoor_to_street'] or 'none'}"]
     if "oracle_gain" in summary:
         lines.append(f"own adapter h-mean {summary['oracle_hmean']:.1f} = zero-shot {summary['oracle_gain']:+.1f}")
