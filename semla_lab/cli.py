@@ -69,6 +69,7 @@ def world_summary(specs, count: int = 64):
     import pandas as pd
     import torch
     from .data.world.generate import generate
+    from .data.world.spec import factor_text
     rows = []
     for spec in specs:
         data = generate(spec, "test", count)
@@ -77,7 +78,7 @@ def world_summary(specs, count: int = 64):
         top = sorted(zip(spec.class_names, shares.tolist()), key=lambda t: -t[1])
         rows.append({"domain": spec.name, "dataset": spec.dataset, "plays": spec.plays,
                      "scene": "+".join(spec.scene), "style": spec.style,
-                     "factors": ",".join(f"{k}={v:g}" for k, v in spec.factors.items()) or "-",
+                     "factors": ",".join(factor_text(k, v) for k, v in spec.factors.items()) or "-",
                      "classes": len(spec.class_names),
                      "pixel shares": " ".join(f"{n}:{100 * s:.0f}%" for n, s in top[:5])})
     return pd.DataFrame(rows).set_index("domain")

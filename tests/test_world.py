@@ -6,7 +6,8 @@ import yaml
 from semla_lab.data.world.concepts import CONCEPT_ID, SCENE_KINDS
 from semla_lab.data.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
                                       shipped_domains, target_domains, web_corpus)
-from semla_lab.data.world.spec import FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec
+from semla_lab.data.world.spec import (FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec,
+                                      write_spec)
 
 SPECS = shipped_domains()
 
@@ -86,6 +87,22 @@ def test_any_size_and_combination():
     assert abs(sum(spec.scene.values()) - 1) < 1e-6
 
 
+def test_factor_ranges_draw_per_image_and_leave_other_factors_alone(tmp_path):
+    """A [low, high] factor (a dataset shot by many cameras): each image draws its own intensity; a range of
+    width zero renders exactly the fixed value, and the other factors' draws are untouched."""
+    base = {**GOOD, "scene": "indoor", "vocabulary": {"wall": "wall", "person": "person"}}
+    fixed = validate_spec({**base, "factors": {"noise": 0.05, "fog": 0.4, "jitter": 0}})
+    pinned = validate_spec({**base, "factors": {"noise": [0.05, 0.05], "fog": 0.4, "jitter": 0}})
+    assert pinned.factors["noise"] == [0.05, 0.05]
+    assert torch.equal(render(fixed, 8, seed=2)[0], render(pinned, 8, seed=2)[0])
+    many, _, caps = render(validate_spec({**base, "factors": {"exposure": [0.5, 1.5]}}), 48, seed=2)
+    one, _, _ = render(validate_spec({**base, "factors": {"exposure": 1.0}}), 48, seed=2)
+    assert many.mean((1, 2, 3)).std() > 2 * one.mean((1, 2, 3)).std()
+    assert any(" dark " in c for c in caps) and any(" bright " in c for c in caps)
+    spec = get_domain(write_spec(pinned.with_factors(blur=[0.2, 1.0]), tmp_path / "many.yaml"))
+    assert spec.factors == {"noise": [0.05, 0.05], "fog": 0.4, "jitter": 0.0, "blur": [0.2, 1.0]}
+
+
 def test_captions_name_scene_conditions_and_classes():
     spec = SPECS["acdc_night"]
     data = generate(spec, "test", 8)
@@ -121,6 +138,10 @@ GOOD = {"name": "d", "dataset": "x", "scene": "street", "vocabulary": {"road": "
     ({"factors": {"fog": -0.1}}, "must not be negative"),
     ({"factors": {"fog": 3.0}}, "outside"),
     ({"factors": {"fog": "thick"}}, "must be a number"),
+    ({"factors": {"fog": [0.6, 0.2]}}, "low > high"),
+    ({"factors": {"fog": [0.2, 1.5]}}, "outside"),
+    ({"factors": {"noise": [0.01]}}, "or a \\[low, high\\] range"),
+    ({"factors": {"jitter": [0.1, 0.2]}}, "'jitter' must be a number, got"),
     ({"vocabulary": {}}, "vocabulary is empty"),
     ({"vocabulary": {"dragon": "dragon"}}, "unknown concept 'dragon'"),
     ({"scene": "moon"}, "unknown scene kind"),

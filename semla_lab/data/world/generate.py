@@ -33,8 +33,11 @@ CAPTION_MODES = ("full", "no_conditions")
 
 
 def _jittered(cv: Canvas, spec: DomainSpec, key: str) -> torch.Tensor:
+    """Per-image intensities of one factor: the spec's value with relative jitter, or uniform over its range."""
     base, lo, hi = FACTORS[key]
     value, jitter = spec.factor(key), spec.factor("jitter")
+    if isinstance(value, list):            # one draw per image, as the jitter takes: other factors stay as they were
+        return cv.u(*value)
     if key in ("exposure", "cast_r", "cast_g", "cast_b"):
         jitter *= 0.3
     if key == "resolution":

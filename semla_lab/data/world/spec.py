@@ -1,8 +1,10 @@
 """Declarative domain specs for the mini world (one YAML file per domain in data_manifests/mini/).
 
 A spec names the scene kind(s), the place style, the appearance factors with continuous
-intensities, the dataset whose label vocabulary it uses, and split sizes and seeds. Every field is
-validated so that a typo fails loudly instead of silently rendering a clear day.
+intensities, the dataset whose label vocabulary it uses, and split sizes and seeds. A factor is one
+intensity (jittered per image) or a [low, high] range that every image draws from: a dataset
+photographed by many cameras. Every field is validated so that a typo fails loudly instead of
+silently rendering a clear day.
 Notebook 01 shows the specs at work.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from ...core.errors import SemlaError
 from .concepts import CONCEPTS, SCENE_KINDS, STYLES
 
 # factor -> (default, minimum, maximum). Weather and time are intensities in [0, 1]; camera factors
-# are physical-ish knobs. `jitter` is the per-image relative variation of every intensity.
+# are physical-ish knobs. `jitter` is the per-image relative variation of every single intensity.
 FACTORS: dict[str, tuple[float, float, float]] = {
     "fog": (0.0, 0.0, 1.0),
     "rain": (0.0, 0.0, 1.0),
@@ -51,7 +53,7 @@ class DomainSpec:
     vocabulary: dict[str, str]          # concept -> class name in this dataset, in label-id order
     scene: dict[str, float]
     style: str = "european"
-    factors: dict[str, float] = field(default_factory=dict)
+    factors: dict[str, float | list[float]] = field(default_factory=dict)   # value, or [low, high] per image
     splits: dict[str, int] = field(default_factory=lambda: {"train": 200, "test": 100})
     seed: int = 0
     size: int = 64
@@ -62,10 +64,10 @@ class DomainSpec:
     def class_names(self) -> list[str]:
         return list(self.vocabulary.values())
 
-    def factor(self, key: str) -> float:
+    def factor(self, key: str) -> float | list[float]:
         return self.factors.get(key, FACTORS[key][0])
 
-    def with_factors(self, **changes: float) -> "DomainSpec":
+    def with_factors(self, **changes: float | list[float]) -> "DomainSpec":
         """A copy with some factors changed (validated), e.g. `spec.with_factors(fog=0.9)`."""
         return validate_spec({**to_dict(self), "factors": {**self.factors, **changes}})
 
@@ -84,6 +86,25 @@ def _number(where: str, key: str, value, lo: float, hi: float) -> float:
     if not lo <= value <= hi:
         _fail(where, f"factor {key!r}={value} is outside [{lo}, {hi}]")
     return float(value)
+
+
+def _factor(where: str, key: str, value) -> float | list[float]:
+    """One intensity, or a [low, high] range (low <= high) that each image draws its intensity from."""
+    lo, hi = FACTORS[key][1:]
+    if not isinstance(value, (list, tuple)):
+        return _number(where, key, value, lo, hi)
+    if key == "jitter" or len(value) != 2:
+        _fail(where, f"factor {key!r} must be a number" + ("" if key == "jitter" else " or a [low, high] range")
+              + f", got {list(value)!r}")
+    low, high = (_number(where, key, v, lo, hi) for v in value)
+    if low > high:
+        _fail(where, f"factor {key!r} range {list(value)!r} has low > high")
+    return [low, high]
+
+
+def factor_text(key: str, value: float | list[float]) -> str:
+    """`key=value` or `key=low..high`, as tables show a spec's factors."""
+    return f"{key}={value[0]:g}..{value[1]:g}" if isinstance(value, list) else f"{key}={value:g}"
 
 
 def validate_spec(raw: Mapping, vocabularies: Mapping[str, Mapping[str, str]] | None = None,
@@ -127,7 +148,7 @@ def validate_spec(raw: Mapping, vocabularies: Mapping[str, Mapping[str, str]] | 
     for key, value in factors_raw.items():
         if key not in FACTORS:
             _fail(where, f"unknown factor {key!r}; known: {list(FACTORS)}")
-        factors[key] = _number(where, key, value, FACTORS[key][1], FACTORS[key][2])
+        factors[key] = _factor(where, key, value)
 
     vocab = raw["vocabulary"]
     if isinstance(vocab, str):
