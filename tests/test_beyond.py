@@ -141,3 +141,27 @@ def test_shipped_beyond_json_is_consistent():
             assert table.loc[m, "h-mean"] == pytest.approx(sum(h) / 3, abs=0.01)
         assert (deltas(payload, split).index == [m for m in table.index if m.startswith("semla+")]).all()
     assert worst_below_zero_shot(payload, "loo", "semla")[1] < 0
+
+
+def test_shipped_knobs_are_what_the_choice_rule_picks_from_the_shipped_val_rows():
+    from semla_lab.evaluation.beyond import CHOICE_RULE, choose_options
+    payload = json.loads((assets_dir() / "benchmark" / "beyond.json").read_text())
+    tuning = payload["tuning"]
+    assert tuning["rule"] == CHOICE_RULE and choose_options(tuning["val"]) == tuning["options"]
+    assert {EvalConfig(**o).extra_method: o for o in tuning["options"]} == payload["chosen"]
+
+
+def test_choice_rule_branches():
+    from semla_lab.evaluation.beyond import choose_options, val_rows
+    scores = {"semla": (40, -3), "semla+kmeans:2": (41, -3), "semla+kmeans:4": (40.5, -3), "semla+gmm:2": (39, -3),
+              "semla+coverage0.5": (39, -2), "semla+coverage8": (35, -1.5), "semla+text0.3": (39.5, -3)}
+    results = {"zero_shot": {"hmean": 30.0, "per_domain": {"a": 30.0, "b": 30.0}},   # (h-mean, gap on domain b)
+               **{m: {"hmean": h, "per_domain": {"a": 31.0, "b": 30.0 + g}} for m, (h, g) in scores.items()}}
+    rows = val_rows(results)
+    assert rows["semla+coverage8"] == {"hmean": 35, "worst_vs_zero_shot": -1.5, "worst_domain": "b"}
+    kmeans, gmm, fallback, text, combo = choose_options(rows)
+    assert kmeans == {"index": "kmeans:2"} and gmm == {"index": "gmm:2"} and text == {"text_weight": 0.3}
+    assert fallback == {"fallback": "coverage", "fallback_strength": 8.0}          # none safe: the best worst domain
+    assert combo == {"index": "kmeans:2", **fallback}                              # text lost to SemLA: left out
+    rows["semla+coverage0.5"]["worst_vs_zero_shot"] = -0.5
+    assert choose_options(rows)[2]["fallback_strength"] == 0.5                      # the smallest safe beta

@@ -99,6 +99,45 @@ def study(segmenter, clip, libraries: dict[str, object], loo_targets: list[str],
     return payload
 
 
+CHOICE_RULE = ("prototypes: the k-means P and the GMM P with the highest val h-mean; text: the lambda with the highest "
+               "val h-mean; fallback: the smallest beta whose worst val domain is at most 1 point below zero-shot (else "
+               "the beta with the best worst domain); combination: the index kind and text weight that each beat SemLA's "
+               "val h-mean, plus the fallback at its beta")
+
+
+def val_rows(results: dict) -> dict[str, dict]:
+    """{method: {"hmean", "worst_vs_zero_shot", "worst_domain"}} from val results.json-style `results`."""
+    zs = results["zero_shot"]["per_domain"]
+    rows = {}
+    for m, r in results.items():
+        gaps = {d: r["per_domain"][d] - zs[d] for d in zs}
+        worst = min(gaps, key=gaps.get)
+        rows[m] = {"hmean": r["hmean"], "worst_vs_zero_shot": round(gaps[worst], 2), "worst_domain": worst}
+    return rows
+
+
+def choose_options(rows: dict[str, dict]) -> list[dict]:
+    """The options CHOICE_RULE picks from `val_rows` (labels as `EvalConfig.extra_method` writes them):
+    [k-means, GMM, fallback, text, combination], each as EvalConfig fields."""
+    def best(prefix):
+        cands = [m for m in rows if m.startswith(prefix)]
+        return max(cands, key=lambda m: (rows[m]["hmean"], -len(m)))
+
+    kmeans, gmm, text = best("semla+kmeans:"), best("semla+gmm:"), best("semla+text")
+    covs = sorted((m for m in rows if m.startswith("semla+coverage")), key=lambda m: float(m.removeprefix("semla+coverage")))
+    safe = [m for m in covs if rows[m]["worst_vs_zero_shot"] >= -1]
+    cov = safe[0] if safe else max(covs, key=lambda m: rows[m]["worst_vs_zero_shot"])
+    fallback = {"fallback": "coverage", "fallback_strength": float(cov.removeprefix("semla+coverage"))}
+    combo = {}
+    index_pick = max((kmeans, gmm), key=lambda m: rows[m]["hmean"])
+    if rows[index_pick]["hmean"] >= rows["semla"]["hmean"]:
+        combo["index"] = index_pick.removeprefix("semla+")
+    if rows[text]["hmean"] >= rows["semla"]["hmean"]:
+        combo["text_weight"] = float(text.removeprefix("semla+text"))
+    return [{"index": kmeans.removeprefix("semla+")}, {"index": gmm.removeprefix("semla+")}, fallback,
+            {"text_weight": float(text.removeprefix("semla+text"))}, {**combo, **fallback}]
+
+
 def mean_over_seeds(seeds: dict) -> dict:
     """{split: {method: {"hmean", "hmean_min", "hmean_max", "per_domain"}}}: per-domain mIoU averaged over seeds,
     h-mean of each seed then averaged."""
