@@ -3,7 +3,7 @@ import pytest
 import torch
 import yaml
 
-from semla_lab.data.world.concepts import CONCEPT_ID, SCENE_KINDS
+from semla_lab.data.world.concepts import CONCEPT_ID, SCENE_KINDS, SCENE_WORDS
 from semla_lab.data.world.generate import (SOURCE_DOMAIN, concept_to_class_lut, generate, get_domain, mini_dir, render,
                                       shipped_domains, target_domains, web_corpus)
 from semla_lab.data.world.spec import (FACTORS, SpecError, load_spec, load_vocabularies, to_dict, validate_spec,
@@ -55,12 +55,21 @@ def test_generation_is_bit_identical_and_prefix_stable():
     assert not torch.equal(other.images, a.images[:10]), "splits use different seeds"
 
 
+def test_each_image_knows_its_scene_kind():
+    """A mixed domain's split records every image's scene kind; its caption names that kind."""
+    data = generate(SPECS["coconut"], "test", 40)
+    assert len(data.scene_kinds) == 40 and set(data.scene_kinds) == set(SPECS["coconut"].scene)
+    for kind, caption in zip(data.scene_kinds, data.captions):
+        assert any(f" of a {word} " in caption for word in SCENE_WORDS[kind]), (kind, caption)
+    assert data.head(5).scene_kinds == data.scene_kinds[:5]
+
+
 def test_labels_align_with_drawn_pixels():
     """Render twice with the same seed, once with a factor that only changes appearance: labels are
     identical, and pixel colour statistics differ by class (what is drawn is what is labelled)."""
     spec = SPECS["cityscapes"]
-    img, lab, _ = render(spec, 32, seed=5)
-    _, lab_fog, _ = render(spec.with_factors(fog=0.9), 32, seed=5)
+    img, lab, _, _ = render(spec, 32, seed=5)
+    _, lab_fog, _, _ = render(spec.with_factors(fog=0.9), 32, seed=5)
     assert torch.equal(lab, lab_fog)
     sky, road = lab == CONCEPT_ID["sky"], lab == CONCEPT_ID["road"]
     blue = img[:, 2] - img[:, 0]
@@ -71,9 +80,9 @@ def test_labels_align_with_drawn_pixels():
 
 def test_factors_change_appearance_as_named():
     spec = SPECS["cityscapes"]
-    day, _, _ = render(spec, 16, seed=1)
-    night, _, _ = render(spec.with_factors(night=1.0), 16, seed=1)
-    fog, _, _ = render(spec.with_factors(fog=1.0), 16, seed=1)
+    day, _, _, _ = render(spec, 16, seed=1)
+    night, _, _, _ = render(spec.with_factors(night=1.0), 16, seed=1)
+    fog, _, _, _ = render(spec.with_factors(fog=1.0), 16, seed=1)
     assert night.mean() < 0.5 * day.mean()
     assert fog.std() < day.std(), "fog lowers contrast"
 
@@ -95,8 +104,8 @@ def test_factor_ranges_draw_per_image_and_leave_other_factors_alone(tmp_path):
     pinned = validate_spec({**base, "factors": {"noise": [0.05, 0.05], "fog": 0.4, "jitter": 0}})
     assert pinned.factors["noise"] == [0.05, 0.05]
     assert torch.equal(render(fixed, 8, seed=2)[0], render(pinned, 8, seed=2)[0])
-    many, _, caps = render(validate_spec({**base, "factors": {"exposure": [0.5, 1.5]}}), 48, seed=2)
-    one, _, _ = render(validate_spec({**base, "factors": {"exposure": 1.0}}), 48, seed=2)
+    many, _, caps, _ = render(validate_spec({**base, "factors": {"exposure": [0.5, 1.5]}}), 48, seed=2)
+    one, _, _, _ = render(validate_spec({**base, "factors": {"exposure": 1.0}}), 48, seed=2)
     assert many.mean((1, 2, 3)).std() > 2 * one.mean((1, 2, 3)).std()
     assert any(" dark " in c for c in caps) and any(" bright " in c for c in caps)
     spec = get_domain(write_spec(pinned.with_factors(blur=[0.2, 1.0]), tmp_path / "many.yaml"))

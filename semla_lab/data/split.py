@@ -24,6 +24,7 @@ class Split:
     ids: list[str]
     metadata: dict = field(default_factory=dict)
     captions: list[str] = field(default_factory=list)
+    scene_kinds: list[str] = field(default_factory=list)     # each image's scene kind, where known
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -42,7 +43,7 @@ class Split:
         if n is None:
             return self
         return Split(self.name, self.images[:n], self.labels[:n], self.class_names, self.ids[:n], self.metadata,
-                     self.captions[:n])
+                     self.captions[:n], self.scene_kinds[:n])
 
 
 def stack_items(name: str, items, classes, size: int | None = None, metadata: dict | None = None) -> Split:

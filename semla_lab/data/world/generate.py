@@ -71,7 +71,8 @@ def _caption(kind: str, concept_map: torch.Tensor, cond: dict[str, float], style
 
 def render(spec: DomainSpec, count: int, seed: int, size: int | None = None, captions: str = "full"):
     """Render `count` images of a spec from one seed. Returns float images (N, 3, S, S) in [0, 1],
-    concept-id label maps (N, S, S) uint8, and captions (see CAPTION_MODES; images do not depend on it)."""
+    concept-id label maps (N, S, S) uint8, captions (see CAPTION_MODES; images do not depend on it) and
+    each image's scene kind."""
     if captions not in CAPTION_MODES:
         raise UsageError(f"unknown caption mode {captions!r}; expected one of {CAPTION_MODES}")
     size = size or spec.size
@@ -102,7 +103,7 @@ def render(spec: DomainSpec, count: int, seed: int, size: int | None = None, cap
         for j, i in enumerate(idx.tolist()):
             conds[i] = {key: float(v[j]) for key, v in f.items()}
     texts = [_caption(kind_of[i], labels[i], conds[i], spec.style, rng, captions) for i in range(count)]
-    return images, labels, texts
+    return images, labels, texts, kind_of
 
 
 def concept_to_class_lut(spec: DomainSpec) -> torch.Tensor:
@@ -130,11 +131,12 @@ def generate(spec: DomainSpec, split: str = "train", count: int | None = None,
     imgs = torch.cat([c[0] for c in chunks])[:count] if chunks else torch.zeros(0, 3, size, size)
     concept = torch.cat([c[1] for c in chunks])[:count] if chunks else torch.zeros(0, size, size, dtype=torch.uint8)
     captions = [cap for c in chunks for cap in c[2]][:count]
+    kinds = [kind for c in chunks for kind in c[3]][:count]
     labels = concept_to_class_lut(spec)[concept.long()]
     images = (imgs * 255).round().to(torch.uint8)
     ids = [f"{spec.name}/{split}/{i:05d}" for i in range(count)]
     metadata = {"dataset": spec.dataset, "plays": spec.plays, "factors": dict(spec.factors), "scene": dict(spec.scene)}
-    return Split(spec.name, images, labels, spec.class_names, ids, metadata, captions)
+    return Split(spec.name, images, labels, spec.class_names, ids, metadata, captions, kinds)
 
 
 def mini_dir() -> Path:
@@ -203,7 +205,7 @@ def web_corpus(count: int, seed: int = 0, per_domain: int = 32, size: int = 64, 
     images, texts = [], []
     for i in range(0, count, per_domain):
         spec = web_spec(rng, seed * 100_000 + i)
-        img, _, caps = render(spec, per_domain, spec.seed, size, captions)
+        img, _, caps, _ = render(spec, per_domain, spec.seed, size, captions)
         images.append((img * 255).round().to(torch.uint8))
         texts += caps
     return torch.cat(images)[:count], texts[:count]
