@@ -11,7 +11,7 @@ from semla_lab.library.index import AdapterLibrary
 from semla_lab.core.metrics import harmonic_mean
 from semla_lab.library.predictor import LibraryModel
 from semla_lab.core.runtime import assets_dir
-from semla_lab.evaluation.transfer import summarize_transfer, target_transfer, transfer_matrix
+from semla_lab.evaluation.transfer import format_transfer, summarize_transfer, target_transfer, transfer_matrix
 
 
 def _payload():
@@ -45,6 +45,16 @@ def test_summary_figures_follow_their_definitions():
     assert summarize_transfer(_payload(), margin=0.5)["harm"] == pytest.approx(3 / 6, abs=1e-3)
 
 
+def test_the_worst_uniform_target_is_printed_with_its_interval():
+    """The interval travels from a target to the summary and the printout; payloads without one still print."""
+    payload = _payload()
+    payload["targets"]["a"]["uniform_interval"] = {"delta": -1.5, "low": -2.3, "high": -0.6}
+    s = summarize_transfer(payload)
+    assert s["uniform_interval"] == {"a": {"delta": -1.5, "low": -2.3, "high": -0.6}}
+    assert "worst -1.5 (a; 95% paired bootstrap over its images -2.3 to -0.6)" in format_transfer(s)
+    assert "worst -1.5 (a)\n" in format_transfer(summarize_transfer(_payload()))
+
+
 def test_matrix_is_adapter_minus_zero_shot():
     m = transfer_matrix(_payload())
     assert m.loc["a", "b"] == -5.0 and m.loc["c", "c"] == 5.0 and list(m.index) == ["a", "b", "c"]
@@ -69,6 +79,9 @@ def test_one_target_agrees_with_the_benchmark(bundle):
     assert got["adapters"]["acdc_fog"] == bench["oracle"]["per_domain"]["acdc_fog"]
     assert set(got["adapters"]) == set(lib.names()) and sum(got["top1_domains"].values()) == 8
     assert "acdc_fog" not in got["top1_domains"]
+    ci = got["uniform_interval"]
+    assert ci["delta"] == pytest.approx(got["uniform"] - got["zero_shot"], abs=0.011)
+    assert ci["low"] <= ci["delta"] <= ci["high"] and ci["low"] < ci["high"]
 
 
 def test_val_and_test_splits_differ():

@@ -5,7 +5,8 @@ all adapters but its own, and per-image top-1 retrieval (its own adapter exclude
 states the properties that real LoRA libraries have and a stand-in library should share:
 
   harm     share of off-domain (target, adapter) pairs more than `margin` mIoU below zero-shot
-  uniform  uniform merge minus zero-shot, per target (real: about zero or better)
+  uniform  uniform merge minus zero-shot, per target (real: about zero or better), with a 95% paired
+           bootstrap interval over the target's images (is a miss within the noise of the images?)
   regret   best other single adapter minus per-image top-1 retrieval, mean over targets
   first-choice regret  best other single adapter minus the adapter the target's images retrieve first
            most often, alone (issue 13's definition: "the one SemLA ranks first"); per-image regret
@@ -33,7 +34,7 @@ from ..models.clip import embed_class_names
 from ..data.datasets import atomic_write_json
 from .experiments import evaluate_model
 from ..models.lora import load_adapter
-from ..core.metrics import MIoU, harmonic_mean
+from ..core.metrics import MIoU, harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel
 from ..core.retrieval import RetrievalConfig, retrieve
 from ..data.sources import load_split, load_target
@@ -42,12 +43,13 @@ from ..data.sources import load_split, load_target
 @torch.no_grad()
 def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) -> dict:
     """mIoU of zero-shot, every adapter alone, the uniform merge of the others and per-image top-1
-    retrieval on one target; `top1_domains` counts which domain each image retrieved."""
+    retrieval on one target; `top1_domains` counts which domain each image retrieved; `uniform_interval`
+    is the paired bootstrap interval of uniform minus zero-shot over the target's images."""
     names = engine.names
     others = [i for i, n in enumerate(names) if n != target.name]
     text = embed_class_names(clip, target.class_names)
     keys = ["zero_shot", "uniform", "top1", *names]
-    meters = {k: MIoU(len(target.class_names)) for k in keys}
+    meters = {k: MIoU(len(target.class_names), per_image=k in ("zero_shot", "uniform")) for k in keys}
     centroids, chosen = engine.library.centroids(names), Counter()
     for start in range(0, len(target.images), batch_size):
         x = target.images[start:start + batch_size].float().div(255)
@@ -64,9 +66,11 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
         for key, (idx, w) in selections.items():
             meters[key].update(engine.logits(x, text, idx, w).argmax(1).cpu(), y)
     scores = {k: round(m.compute()["miou"], 2) for k, m in meters.items()}
+    interval = paired_bootstrap({target.name: meters["uniform"].image_confusions},
+                                {target.name: meters["zero_shot"].image_confusions})["per_domain"][target.name]
     return {"zero_shot": scores["zero_shot"], "uniform": scores["uniform"], "top1": scores["top1"],
             "adapters": {n: scores[n] for n in names}, "top1_domains": dict(chosen.most_common()),
-            "num_images": len(target.images)}
+            "num_images": len(target.images), "uniform_interval": interval}
 
 
 @torch.no_grad()
@@ -120,6 +124,7 @@ def summarize_transfer(payload: dict, margin: float = 2.0) -> dict:
     out = {"harm": round(sum(d < -margin for *_, d in off) / max(len(off), 1), 3), "harm_margin": margin,
            "off_domain_pairs": len(off), "uniform_minus_zero_shot": uniform,
            "worst_uniform": min(uniform.items(), key=lambda kv: kv[1]),
+           "uniform_interval": {t: r["uniform_interval"] for t, r in per.items() if "uniform_interval" in r},
            "regret": round(sum(regret.values()) / len(regret), 2), "regret_per_target": regret,
            "first_choice": first, "first_choice_regret_per_target": first_regret,
            "first_choice_regret": round(sum(first_regret.values()) / max(len(first_regret), 1), 2),
@@ -159,9 +164,11 @@ def run_transfer(segmenter, clip, library, targets: list[str], split: str = "tes
 def format_transfer(summary: dict) -> str:
     """The summary figures as a few printable lines."""
     worst = summary["worst_uniform"]
+    ci = summary.get("uniform_interval", {}).get(worst[0])
     lines = [f"off-domain harm: {100 * summary['harm']:.0f}% of {summary['off_domain_pairs']} pairs more than "
              f"{summary['harm_margin']:g} mIoU below zero-shot",
-             f"uniform merge - zero-shot: worst {worst[1]:+.1f} ({worst[0]})",
+             f"uniform merge - zero-shot: worst {worst[1]:+.1f} ({worst[0]}"
+             + (f"; 95% paired bootstrap over its images {ci['low']:+.1f} to {ci['high']:+.1f})" if ci else ")"),
              f"retrieval regret (best other adapter - top-1 retrieved): {summary['regret']:.2f} mIoU mean per image, "
              f"{summary['first_choice_regret']:.2f} for the adapter each target retrieves first most often",
              f"indoor-only targets retrieving a street-only domain first: {summary['indoor_to_street'] or 'none'}"]
