@@ -56,12 +56,19 @@ def test_generation_is_bit_identical_and_prefix_stable():
 
 
 def test_each_image_knows_its_scene_kind():
-    """A mixed domain's split records every image's scene kind; its caption names that kind."""
+    """A mixed domain's split records every image's scene kind: what is drawn (a room has a ceiling, a street
+    a road, a park grass and no road) and what its caption names."""
     data = generate(SPECS["coconut"], "test", 40)
     assert len(data.scene_kinds) == 40 and set(data.scene_kinds) == set(SPECS["coconut"].scene)
     for kind, caption in zip(data.scene_kinds, data.captions):
         assert any(f" of a {word} " in caption for word in SCENE_WORDS[kind]), (kind, caption)
     assert data.head(5).scene_kinds == data.scene_kinds[:5]
+    _, concepts, _, kinds = render(SPECS["coconut"], 40, seed=3)
+    drawn = {"indoor": ("ceiling",), "street": ("road",), "park": ("grass",)}
+    for concept_map, kind in zip(concepts, kinds):
+        present = set(concept_map.unique().tolist())
+        assert all(CONCEPT_ID[c] in present for c in drawn[kind]), kind
+        assert kind == "street" or CONCEPT_ID["road"] not in present, kind
 
 
 def test_labels_align_with_drawn_pixels():
