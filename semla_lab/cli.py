@@ -284,12 +284,15 @@ def cmd_clip_variants(args):
 
 
 def _adapter_config(args, **fixed):
-    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps and --seed on top."""
+    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps, --strength and --seed
+    on top."""
     from dataclasses import replace
     from .training.train import AdapterConfig
     over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
     if getattr(args, "rank", None):
         over.update(r=args.rank, lora_alpha=2 * args.rank)
+    if getattr(args, "strength", None) is not None:
+        over["strength"] = args.strength
     return replace(AdapterConfig(), **over, **fixed)
 
 
@@ -659,6 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
     sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
+    sc.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)")
     sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
     sc.set_defaults(func=cmd_scale)
 
@@ -666,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
         if q is not ad:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
         q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
+        if q is not ad:
+            q.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)")
         q.add_argument("--seed", type=int, default=0)
     for q in (bl, ad):
         q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")

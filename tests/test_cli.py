@@ -37,6 +37,8 @@ def test_world_writes_dataset_and_preview(capsys, tmp_path):
     (["evaluate", "--targets", "nyu", "--methods", "magic"], "unknown method"),
     (["evaluate", "--targets", "real:acdc_fog"], "set SEMLA_ACDC_ROOT to that folder"),
     (["zero-shot", "--device", "cdua"], "'cdua' is not a torch device"),
+    (["build-library", "--out", "lib", "--domains", "nyu", "--strength", "1.5"],
+     "AdapterConfig.strength must be in (0, 1], got 1.5"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
     monkeypatch.setenv("SEMLA_DATA_ROOT", str(tmp_path))
@@ -62,3 +64,14 @@ def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
     assert manifest["tiny_clip"]["nearest_centroid_accuracy"] == nearest_centroid_accuracy(clip, ["cityscapes", "nyu"])
     from semla_lab.library.index import AdapterLibrary
     assert AdapterLibrary(tmp_path / "library").names() == ["cityscapes", "acdc_fog"]
+
+
+@pytest.mark.parametrize("argv, strength", [
+    (["build-library", "--out", "lib"], 0.9),
+    (["build-library", "--out", "lib", "--strength", "1"], 1.0),
+    (["train-adapter", "--domain", "nyu", "--out", "a", "--strength", "0.5"], 0.5),
+    (["scale", "--out", "s", "--strength", "0.75"], 0.75),
+])
+def test_strength_option_reaches_the_adapter_recipe(argv, strength):
+    from semla_lab.cli import _adapter_config, build_parser
+    assert _adapter_config(build_parser().parse_args(argv)).strength == strength

@@ -1,4 +1,5 @@
-"""Adapter training recipe: source replay enters the loss, is deterministic and is required when asked for."""
+"""Adapter training recipe: source replay enters the loss, is deterministic and is required when asked for; the
+saved update is `strength` times the trained one."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -37,3 +38,20 @@ def test_replay_changes_the_adapter_deterministically(tmp_path, tiny_segmenter):
 def test_replay_without_data_is_one_clear_error(tmp_path, tiny_segmenter):
     with pytest.raises(SemlaError, match=r"AdapterConfig.replay=4 needs replay data"):
         _train(tiny_segmenter, tmp_path, AdapterConfig(steps=1, batch=4, replay=4))
+
+
+def test_strength_scales_the_saved_update_and_nothing_else(tmp_path, tiny_segmenter):
+    full_cfg = AdapterConfig(steps=3, batch=4, replay=0, strength=1.0)
+    _, full = _train(tiny_segmenter, tmp_path / "full", full_cfg)
+    info, part = _train(tiny_segmenter, tmp_path / "part", AdapterConfig(steps=3, batch=4, replay=0, strength=0.9))
+    assert info["config"]["strength"] == 0.9 and AdapterConfig().strength == 0.9
+    b_keys = [k for k in full if "lora_B" in k]
+    assert b_keys and all(torch.allclose(part[k], 0.9 * full[k]) for k in b_keys), "dW = B A scaled by the strength"
+    assert all(torch.equal(part[k], full[k]) for k in full if "lora_B" not in k), "A (and r, alpha) untouched"
+    assert any(full[k].abs().max() > 0 for k in b_keys), "the adapter learned something to scale"
+
+
+@pytest.mark.parametrize("strength", [0.0, -0.5, 1.5])
+def test_strength_outside_zero_to_one_is_one_clear_error(strength):
+    with pytest.raises(SemlaError, match=rf"AdapterConfig.strength must be in \(0, 1\], got {strength}"):
+        AdapterConfig(strength=strength)

@@ -152,7 +152,12 @@ class AdapterConfig:
     batch: int = 32
     lr: float = 1e-3          # 2e-3 overwrote: 44% of off-domain pairs lost > 2 mIoU (README, "Faithful stand-ins")
     replay: int = 16          # source images added to every batch (with the source vocabulary): adapt, not overwrite
+    strength: float = 0.9     # WiSE-FT: the trained dW is saved as strength * dW, a step back toward the base model
     seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.strength <= 1:
+            raise UsageError(f"AdapterConfig.strength must be in (0, 1], got {self.strength}")
 
     def lora_config(self, base_model: str) -> LoraConfig:
         return LoraConfig(r=self.r, lora_alpha=self.lora_alpha, target_modules=self.target_modules,
@@ -173,7 +178,8 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
                   progress=True, replay: Replay | None = None) -> dict:
     """Train one LoRA adapter on a frozen copy of `segmenter` for one domain and save it in peft's
     format (adapter_config.json + adapter_model.safetensors) under `out_dir`. With `cfg.replay` > 0,
-    each step also sees that many `replay` images; the two losses are weighed by their image counts."""
+    each step also sees that many `replay` images; the two losses are weighed by their image counts.
+    The saved update is `cfg.strength` times the trained one (lora_B scaled; r and alpha unchanged)."""
     if len(images) == 0 or len(images) != len(labels):
         raise UsageError(f"an adapter needs training images with labels; got {len(images)} images and "
                          f"{len(labels)} label maps")
@@ -202,5 +208,9 @@ def train_adapter(segmenter: OVSegmenter, text: torch.Tensor, images: torch.Tens
 
     loss = _fit(step_loss, opt, cfg.steps, len(images), cfg.batch, gen, "adapter", progress)
     model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(cfg.strength)
     model.save_pretrained(str(out_dir), save_embedding_layers=False)   # no hub lookup of the base model
     return {"config": asdict(cfg), "final_loss": loss}
