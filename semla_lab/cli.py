@@ -490,6 +490,9 @@ def cmd_scale(args):
           f"({t['engine']}); wrote {Path(args.out) / 'scaling.json'} and scaling.png")
 
 
+STRENGTH_HELP = "share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -662,16 +665,15 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
     sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
-    sc.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)")
+    sc.add_argument("--strength", type=float, help=STRENGTH_HELP)
     sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
     sc.set_defaults(func=cmd_scale)
 
     for q in (t, bl, ad):
         if q is not ad:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
+            q.add_argument("--strength", type=float, help=STRENGTH_HELP)
         q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
-        if q is not ad:
-            q.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)")
         q.add_argument("--seed", type=int, default=0)
     for q in (bl, ad):
         q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")
