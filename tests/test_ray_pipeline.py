@@ -86,9 +86,10 @@ def test_a_task_that_kills_its_worker_is_retried_and_the_library_completes(ray_s
 
 
 def test_a_driver_killed_mid_build_leaves_a_library_that_a_rerun_completes(ray_session, serial_build, tmp_path):
-    """Eight domains on two CPUs commit in four rounds, so the kill that follows the first commit lands mid-build
-    even when the test process is slow to notice it (with four, a burst of commits once finished the build)."""
-    domains = DOMAINS + ["bdd", "idd", "mapillary", "acdc_night"]
+    """Twelve domains on two CPUs commit in six rounds, so the kill that follows the first commit lands mid-build
+    even when the test process is slow to notice it (with four, a burst of commits once finished the build; with
+    eight, on a machine loaded by another build, all four rounds did)."""
+    domains = DOMAINS + ["bdd", "idd", "mapillary", "acdc_night", "acdc_rain", "acdc_snow", "coconut", "pascal_context"]
     out = tmp_path / "library"
     address = ray.get_runtime_context().gcs_address
     argv = [sys.executable, "-m", "semla_lab.cli", "build-library", "--out", str(out), "--domains", *domains,
