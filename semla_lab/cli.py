@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         tr.add_argument(flag, help=text)
     tr.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
     tr.add_argument("--split", default="test", choices=["val", "test"], help="mini-world split (val: for tuning)")
-    tr.add_argument("--max-images", type=int, default=50, help="images per target")
+    tr.add_argument("--max-images", type=int, help="images per target (default: every test image; 50 val images)")
     tr.set_defaults(func=cmd_transfer)
 
     sm = sub.add_parser("summarize", help="mean and spread of several evaluate runs (e.g. adapter seeds)")

@@ -100,6 +100,27 @@ def test_cli_writes_json_and_heatmap(tmp_path, capsys):
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
 
 
+def test_by_default_every_test_image_and_a_fixed_number_of_val_images(bundle, tmp_path, monkeypatch, capsys):
+    """Like `evaluate`, the diagnostic reads a target's whole test split; val, drawn on demand, VAL_IMAGES."""
+    import yaml
+    from semla_lab.data.world.generate import mini_dir
+    from semla_lab.cli import main
+    from semla_lab.evaluation import transfer
+    seg, clip, lib = bundle
+    spec = yaml.safe_load((mini_dir() / "nyu.yaml").read_text())
+    spec.update(name="tiny_rooms", splits={"train": 2, "test": 3})
+    (tmp_path / "tiny_rooms.yaml").write_text(yaml.safe_dump(spec))
+    target = str(tmp_path / "tiny_rooms.yaml")
+    test = transfer.run_transfer(seg, clip, lib, [target], device="cpu", progress=False)
+    assert test["targets"]["tiny_rooms"]["num_images"] == 3 and test["config"]["max_images"] is None
+    with pytest.raises(SystemExit):
+        main(["transfer", "--help"])
+    assert f"{transfer.VAL_IMAGES} val images" in " ".join(capsys.readouterr().out.split())   # the help's default
+    monkeypatch.setattr(transfer, "VAL_IMAGES", 2)
+    val = transfer.run_transfer(seg, clip, lib, [target], split="val", device="cpu", progress=False)
+    assert val["targets"]["tiny_rooms"]["num_images"] == 2 and val["config"]["max_images"] == 2
+
+
 def test_benchmark_table_has_domains_as_rows_and_fits_120_columns(bundle):
     seg, clip, lib = bundle
     results = run_benchmark(seg, clip, lib, ["acdc_fog", "nyu"], ["zero_shot", "uniform", "semla", "semla_late",

@@ -40,6 +40,10 @@ from ..core.retrieval import RetrievalConfig, retrieve
 from ..data.sources import load_split, load_target
 
 
+# Val images per target by default: the mini world draws val on demand, so val has no "every image".
+VAL_IMAGES = 50
+
+
 @torch.no_grad()
 def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) -> dict:
     """mIoU of zero-shot, every adapter alone, the uniform merge of the others and per-image top-1
@@ -142,10 +146,13 @@ def transfer_matrix(payload: dict) -> pd.DataFrame:
     return pd.DataFrame({t: {a: s - r["zero_shot"] for a, s in r["adapters"].items()} for t, r in per.items()}).T
 
 
-def run_transfer(segmenter, clip, library, targets: list[str], split: str = "test", max_images: int | None = 50,
+def run_transfer(segmenter, clip, library, targets: list[str], split: str = "test", max_images: int | None = None,
                  out_dir: str | Path | None = None, device=None, progress: bool = True) -> dict:
     """The diagnostic on `targets` (names, spec files, dataset folders or real:<domain>, as `evaluate`
-    takes); writes transfer.json to `out_dir` when given."""
+    takes), on the first `max_images` of each (default: every test image, as `evaluate` reads; VAL_IMAGES
+    val images, which the mini world draws on demand); writes transfer.json to `out_dir` when given."""
+    if max_images is None and split == "val":
+        max_images = VAL_IMAGES
     engine = LibraryModel(segmenter, library, device)
     per, scenes = {}, {n: library.get(n).metadata.get("scene", {}) for n in library.names()}
     for name in tqdm(targets, desc="transfer", disable=not progress):
