@@ -211,7 +211,7 @@ def cmd_ablate(args):
 
 
 def cmd_tune(args):
-    from .data.datasets import atomic_write_json
+    from .core.io import atomic_write_json
     from .evaluation.experiments import ablation_grid
     from .evaluation.tuning import format_tuning, held_out_tuning, selection_table
     from .data.world.generate import target_domains
@@ -261,7 +261,7 @@ def cmd_clip_variants(args):
     from .library.assets import load_segmenter
     from .models.clip import load_clip
     from .workflows.clip_variants import run_clip_variants
-    from .data.datasets import atomic_write_json
+    from .core.io import atomic_write_json
     from .library.index import AdapterLibrary
     from .core.runtime import assets_dir
     from .training.train import ClipTrainConfig
@@ -375,7 +375,8 @@ def cmd_analyze(args):
 def cmd_segment(args):
     import io
     from PIL import Image
-    from .data.datasets import atomic_write_bytes, read_image
+    from .core.io import atomic_write_bytes
+    from .data.datasets import read_image
     from .evaluation.plots import overlay_with_legend
     if len(args.classes) > 255:
         raise UsageError(f"at most 255 classes fit an 8-bit mask, got {len(args.classes)}")

@@ -10,8 +10,6 @@ Every item is a dict: image (3, H, W) float32 in [0, 1], label (H, W) int64, id,
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -21,39 +19,15 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from ..core.errors import SemlaError
+from ..core.io import atomic_write_json
 
 IGNORE_INDEX = 255
 MANIFEST = "manifest.json"
 MAX_PIXELS = 4096 * 4096   # refuse decompression bombs; resize bigger images before use
 
 
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
 class DataError(SemlaError, ValueError):
     """A dataset, image or label file is missing or malformed; the message names the file."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)          # mkstemp makes 0600 files; use the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def read_image(path: str | Path) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.clip import embed_class_names, index_embeddings
-from ..data.datasets import atomic_write_json
+from ..core.io import atomic_write_json
 from .experiments import EvalConfig, evaluate_target, summarize
 from ..library.predictor import LibraryModel
 from ..core.retrieval import DomainIndex, RetrievalConfig

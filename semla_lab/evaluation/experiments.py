@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.clip import Clip, embed_class_names
-from ..data.datasets import atomic_write_bytes, atomic_write_json
+from ..core.io import atomic_write_bytes, atomic_write_json
 from ..core.errors import UsageError
 from ..core.fusion import FUSION_TYPES
 from .methods import METHODS, check_methods, is_beyond, predict_batch

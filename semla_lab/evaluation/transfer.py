@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..models.clip import embed_class_names
-from ..data.datasets import atomic_write_json
+from ..core.io import atomic_write_json
 from .experiments import evaluate_model
 from ..models.lora import load_adapter
 from ..core.metrics import MIoU, harmonic_mean, paired_bootstrap

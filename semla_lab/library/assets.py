@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models.clip import TINY_CLIP, Clip, load_clip
-from ..data.datasets import atomic_write_json
+from ..core.io import atomic_write_json
 from ..core.errors import MissingFileError
 from ..core.runtime import assets_dir, resolve_device
 from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter

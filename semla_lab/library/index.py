@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from ..data.datasets import atomic_write_bytes, atomic_write_json
+from ..core.io import atomic_write_bytes, atomic_write_json
 from ..core.errors import SemlaError
 from ..core.profiles import DomainProfile, parse_index
 

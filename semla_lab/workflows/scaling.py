@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ..library.assets import replace_path
 from ..models.clip import index_embeddings
-from ..data.datasets import atomic_write_json
+from ..core.io import atomic_write_json
 from ..core.engine import Engine
 from ..core.errors import UsageError
 from ..evaluation.experiments import EvalConfig
