@@ -84,6 +84,21 @@ def test_image_modes_are_converted(tmp_path, kind):
     assert 0 <= img.min() and img.max() <= 1
 
 
+def test_16bit_images_scale_by_bit_depth_not_by_their_data(tmp_path):
+    """A dark 16-bit photo (max 200 of 65535) stays dark, as read from a file, a PIL image or an array."""
+    from semla_lab.library.predictor import as_image_tensor
+    dark = np.random.default_rng(0).integers(0, 201, (6, 5), dtype=np.uint16)
+    dark[0, 0] = 200
+    path = _save(tmp_path / "dark16.png", dark)
+    expected = torch.from_numpy(dark.astype(np.float32) / 65535).expand(3, -1, -1)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I;16")
+        from_pil = as_image_tensor(im)
+    rgb = np.repeat(dark[..., None], 3, axis=2)
+    for img in (read_image(path), as_image_tensor(path), from_pil, as_image_tensor(rgb)):
+        assert torch.allclose(img, expected, atol=1e-7) and float(img.max()) == pytest.approx(200 / 65535)
+
+
 def test_unreadable_truncated_and_non_image_files(tmp_path):
     good = _save(tmp_path / "good.png", np.zeros((8, 8, 3), dtype=np.uint8))
     truncated = tmp_path / "trunc.png"

@@ -43,17 +43,31 @@ def read_image(path: str | Path) -> torch.Tensor:
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"image {path} is {im.width}x{im.height}, above the {MAX_PIXELS} pixel limit; "
                                 "resize it first")
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(im, dtype=np.float32)
-                arr = arr / (65535.0 if arr.max() > 255 else 255.0)
-                return torch.from_numpy(np.repeat(arr[None], 3, 0).copy())
             im.load()
-            rgb = im.convert("RGB")
+            return pil_to_tensor(im)
     except DataError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot read image {path}: {e}") from None
-    return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def _full_scale(im: Image.Image) -> float | None:
+    """The largest value of a single-channel integer image's mode (its bit depth), None for 8-bit modes."""
+    if im.mode.startswith("I;16"):
+        return 65535.0
+    if im.mode == "I":           # 32-bit signed; a PNG holds at most 16 bits (older Pillow opens those as "I")
+        return 65535.0 if im.format == "PNG" else 2.0 ** 31 - 1
+    return None
+
+
+def pil_to_tensor(im: Image.Image) -> torch.Tensor:
+    """A PIL image of any mode -> (3, H, W) float32 in [0, 1]. 16- and 32-bit grayscale are scaled by the
+    full scale of their bit depth, never by the data (a dark 16-bit photo stays dark)."""
+    full = _full_scale(im)
+    if full is not None:
+        arr = np.clip(np.asarray(im, dtype=np.float64) / full, 0, 1).astype(np.float32)
+        return torch.from_numpy(np.repeat(arr[None], 3, 0).copy())
+    return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
 def read_label(path: str | Path, num_classes: int, size: tuple[int, int] | None = None) -> torch.Tensor:

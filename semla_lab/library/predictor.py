@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from ..models.clip import Clip, embed_class_names, index_embeddings, resize_to_input
-from ..data.datasets import read_image
+from ..data.datasets import pil_to_tensor, read_image
 from ..core.fusion import FusedAdapters
 from ..core.errors import UsageError
 from .index import lora_scaling
@@ -87,11 +87,12 @@ def as_image_tensor(image) -> torch.Tensor:
     if isinstance(image, (str, Path)):
         return read_image(image)
     if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+        return pil_to_tensor(image)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] not in (3, 4):
             raise UsageError(f"expected an HxWx3 image array, got shape {image.shape}")
-        image = torch.from_numpy(image[..., :3].copy()).permute(2, 0, 1)
+        full = 65535.0 if image.dtype == np.uint16 else 255.0 if image.dtype == np.uint8 else 1.0
+        image = torch.from_numpy(image[..., :3].astype(np.float32) / full).permute(2, 0, 1)
     if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != 3:
         raise UsageError("expected an image path, PIL image, HxWx3 array or a (3, H, W) tensor")
     image = image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
