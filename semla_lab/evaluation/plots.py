@@ -7,13 +7,36 @@ import pandas as pd
 import seaborn as sns
 import torch
 
-PALETTE = (np.array(sns.color_palette("tab20", 20) + sns.color_palette("Set2", 8)) * 255).astype(np.uint8)
+
+def _palette(n: int = 256, levels: int = 16) -> np.ndarray:
+    """(n, 3) uint8 class colours: tab20 and Set2 first (the mini world's few classes keep their colours), then
+    greedy farthest-point picks from a levels^3 RGB grid, each as far as possible from black (the ignore colour)
+    and from every colour before it. Deterministic; distinct for ADE-150, PASCAL-Context-59 and COCO-Stuff-171."""
+    chosen = list(np.array(sns.color_palette("tab20", 20) + sns.color_palette("Set2", 8)) * 255)
+    axis = np.linspace(0, 255, levels)
+    grid = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    nearest = np.full(len(grid), np.inf)                       # distance of each grid colour to the chosen ones
+    for c in [np.zeros(3), *chosen]:
+        nearest = np.minimum(nearest, np.linalg.norm(grid - c, axis=1))
+    while len(chosen) < n:
+        chosen.append(grid[nearest.argmax()])
+        nearest = np.minimum(nearest, np.linalg.norm(grid - chosen[-1], axis=1))
+    return np.array(chosen).round().astype(np.uint8)
+
+
+PALETTE = _palette()
+
+
+def class_colors(ids) -> np.ndarray:
+    """uint8 RGB colours (..., 3) of class ids (any shape): PALETTE[id mod len(PALETTE)]. Overlays and legends
+    both colour through this, so a class has one colour everywhere."""
+    return PALETTE[np.asarray(ids, dtype=np.int64) % len(PALETTE)]
 
 
 def colorize(label: torch.Tensor) -> np.ndarray:
-    """(H, W) class ids -> (H, W, 3) uint8 colours; 255 (ignore) is black."""
+    """(H, W) class ids -> (H, W, 3) uint8 colours (class_colors); 255 (ignore) is black."""
     lab = label.cpu().numpy().astype(np.int64)
-    out = PALETTE[np.clip(lab, 0, len(PALETTE) - 1) % len(PALETTE)]
+    out = class_colors(lab)
     out[lab == 255] = 0
     return out
 
@@ -45,7 +68,7 @@ def label_legend(class_names: list[str]):
     """A small legend figure mapping colours to class names."""
     fig, ax = plt.subplots(figsize=(2.2, 0.22 * len(class_names) + 0.3))
     for i, name in enumerate(class_names):
-        ax.add_patch(plt.Rectangle((0, -i), 0.8, 0.8, color=PALETTE[i % len(PALETTE)] / 255))
+        ax.add_patch(plt.Rectangle((0, -i), 0.8, 0.8, color=class_colors(i) / 255))
         ax.text(1.1, -i + 0.4, name, va="center", fontsize=8)
     ax.set_xlim(0, 6)
     ax.set_ylim(-len(class_names), 1)
@@ -294,7 +317,7 @@ def overlay_with_legend(image: torch.Tensor, mask: torch.Tensor, class_names: li
     draw.rectangle((0, 0, 3 * pad + size + width, pad + line * len(present)), fill=(0, 0, 0, 150))
     for row, c in enumerate(present):
         y = pad + row * line
-        draw.rectangle((pad, y, pad + size, y + size), fill=tuple(int(v) for v in PALETTE[c % len(PALETTE)]))
+        draw.rectangle((pad, y, pad + size, y + size), fill=tuple(int(v) for v in class_colors(c)))
         draw.text((2 * pad + size, y), class_names[c], fill=(255, 255, 255), font=font)
     return np.asarray(canvas)
 
