@@ -1,6 +1,6 @@
 """Retrieval beyond the centroid: latency per query of semla_lab.core.retrieval.DomainIndex.search with P=4 k-means
 prototypes, a 4-component diagonal GMM, and k-means with the coverage fallback and text-aware distances, next to
-the paper's centroid index (CentroidIndex.search) on the same synthetic library, measured side by side
+the paper's centroid index (the same DomainIndex.search, index 'centroid') on the same synthetic library, measured side by side
 (interleaved runs). Libraries of 1,000 and 10,000 domains at D=64, K=5. Target: < 1 ms per single query with
 4 prototypes per domain over 10,000 domains on one CPU thread.
 
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from semla_lab.core.profiles import DomainProfile
-from semla_lab.core.retrieval import CentroidIndex, DomainIndex, RetrievalConfig, top_k
+from semla_lab.core.retrieval import DomainIndex, RetrievalConfig, top_k
 
 P, D, K = 4, 64, 5
 SIZES = (1_000, 10_000)
@@ -57,17 +57,16 @@ def same_as_exhaustive(index: DomainIndex, cfg: RetrievalConfig, text: torch.Ten
 
 def measure_size(n: int, device: torch.device, reps: int) -> list[dict]:
     index = synthetic_index(n)
-    paper = CentroidIndex(index.centroids, index.names)
     g = torch.Generator().manual_seed(1)
     q1, qb = F.normalize(torch.randn(1, D, generator=g), dim=-1), F.normalize(torch.randn(64, D, generator=g), dim=-1)
     text = F.normalize(torch.randn(19, D, generator=g), dim=-1)
     rows = []
     for batch, q in (("1 query", q1), ("batch of 64", qb)):
-        fns = {"centroid (paper, CentroidIndex)": lambda q=q: paper.search(q, RetrievalConfig(k=K))}
+        fns = {"centroid (paper)": lambda q=q: index.search(q, RetrievalConfig(k=K))}
         fns.update({name: (lambda q=q, cfg=cfg: index.search(q, cfg, class_text=text))
                     for name, cfg in CONFIGS.items()})
         times = measure_interleaved(fns, device, reps)
-        base = times["centroid (paper, CentroidIndex)"]
+        base = times["centroid (paper)"]
         for name, t in times.items():
             rows.append({"n_domains": n, "queries": batch, "index": name, "wall_s": t.median / len(q),
                          "cpu_s": t.cpu_median / len(q), "cpu_ratio_to_centroid": paired_ratio(t, base, cpu=True),

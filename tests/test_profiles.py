@@ -216,6 +216,28 @@ def test_fallback_with_infinite_radius_or_zero_strength_equals_semla(profiled):
             assert torch.all(r.base_weights < 1e-6)
 
 
+@pytest.mark.parametrize("kind, images", [("centroid", 1), ("kmeans:2", 2)])
+def test_fallback_with_a_zero_coverage_radius(kind, images):
+    """A one-image domain, or kmeans:P fitted on P images, has coverage radius 0: weights stay finite (the
+    adapter covers distance 0 only), and strength 0 is plain SemLA, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    embs = [F.normalize(torch.randn(images, D, generator=g), dim=1) for _ in range(3)]
+    centroids = torch.stack([e.mean(0) for e in embs])
+    names = ["a", "b", "c"]
+    profiles = {n: fit_profile(e, c, [] if kind == "centroid" else [kind]) for n, e, c in zip(names, embs, centroids)}
+    assert all(p.coverage[kind] == 0 for p in profiles.values())
+    index = DomainIndex(centroids, names, profiles)
+    q = torch.cat([F.normalize(torch.randn(3, D, generator=g), dim=1), embs[0][:1]])     # 3 far, 1 at a's image
+    plain = index.search(q, RetrievalConfig(k=2, index=kind))
+    zero = index.search(q, RetrievalConfig(k=2, index=kind, fallback="coverage", fallback_strength=0))
+    assert torch.equal(zero.indices, plain.indices) and torch.equal(zero.weights, plain.weights)
+    assert torch.equal(zero.base_weights, torch.zeros(4))
+    some = index.search(q, RetrievalConfig(k=2, index=kind, fallback="coverage", fallback_strength=1))
+    assert torch.isfinite(some.weights).all() and torch.isfinite(some.base_weights).all()
+    assert torch.equal(some.base_weights[:3], torch.ones(3)) and some.weights[:3].abs().sum() == 0
+    assert some.indices[3, 0] == 0 and some.weights[3, 0] == plain.weights[3, 0]    # at distance 0: kept
+
+
 def test_fallback_gives_far_queries_to_the_base_model(profiled):
     lib, embs, _ = profiled
     index = DomainIndex.from_library(lib)

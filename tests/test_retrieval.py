@@ -6,8 +6,9 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
-from semla_lab.core.retrieval import (Retrieval, RetrievalConfig, distances, retrieve, softmax_weights,
-                                 top_k, uniform_weights)
+from semla_lab.core.errors import UsageError
+from semla_lab.core.retrieval import (DomainIndex, Retrieval, RetrievalConfig, distances, retrieve, softmax_weights,
+                                      top_k, uniform_weights)
 
 # 1-D library: centroids at 0, 1, 3; query 0.9 -> distances 0.9, 0.1, 2.1
 C1 = torch.tensor([[0.0], [1.0], [3.0]], dtype=torch.float64)
@@ -201,18 +202,80 @@ def test_retrieval_is_a_plain_record():
     assert r.distances.shape == (2, 3) and r.names == N1
 
 
-def test_centroid_index_equals_retrieve_on_large_library():
-    from semla_lab.core.retrieval import CentroidIndex
+def _exhaustive(queries, centroids, cfg, excluded=()):
+    """The paper's retrieval from the checked building blocks: every distance, a full stable sort, the weights."""
+    dist = distances(queries, centroids, cfg.metric)
+    mask = torch.zeros(len(centroids), dtype=torch.bool)
+    mask[list(excluded)] = True
+    values, indices = top_k(dist, cfg.k, mask)
+    weights = softmax_weights(values, cfg.tau) if cfg.weighting == "softmax" else uniform_weights(*indices.shape,
+                                                                                                  dtype=values.dtype)
+    return dist, indices, weights
+
+
+def test_domain_index_search_equals_the_building_blocks_on_a_large_library():
+    """The one search path (GEMM preselection + exact re-measure) gives exactly the indices, weights and
+    distances of exhaustive exact retrieval, ties and exclusions included, for every metric."""
     g = torch.Generator().manual_seed(0)
     centroids = torch.randn(3000, 16, generator=g)
+    centroids[7] = centroids[3]                                  # an exact tie: the lower index comes first
     names = [f"d{i}" for i in range(3000)]
-    queries = torch.randn(32, 16, generator=g)
-    index = CentroidIndex(centroids, names)
+    queries = torch.cat([torch.randn(31, 16, generator=g), centroids[3][None] + 1e-3])
+    index = DomainIndex(centroids, names)
     for cfg, exclude in [(RetrievalConfig(k=5), ()), (RetrievalConfig(k=7, tau=0.2), ("d1", "d2")),
-                         (RetrievalConfig(k=3, weighting="uniform"), ())]:
-        a = index.search(queries, cfg, exclude)
-        b = retrieve(queries, centroids, names, cfg, exclude)
-        assert torch.equal(a.indices, b.indices)
-        assert torch.allclose(a.weights, b.weights, atol=1e-6)
-    with pytest.raises(ValueError, match="available"):
-        index.search(queries[0], RetrievalConfig(k=5), exclude=names[:2996])
+                         (RetrievalConfig(k=3, weighting="uniform"), ()), (RetrievalConfig(k=4, metric="cosine"), ()),
+                         (RetrievalConfig(k=4, metric="cosine"), ("d3",)), (RetrievalConfig(k=2), ("d3",))]:
+        r = index.search(queries, cfg, exclude)
+        dist, indices, weights = _exhaustive(queries, centroids, cfg, [names.index(n) for n in exclude])
+        assert torch.equal(r.indices, indices) and torch.equal(r.weights, weights), (cfg, exclude)
+        assert torch.equal(r.distances, dist), (cfg, exclude)
+        assert torch.equal(retrieve(queries, centroids, names, cfg, exclude).indices, indices)
+    assert index.search(queries[-1], RetrievalConfig(k=2)).indices.tolist() == [[3, 7]]
+
+
+@pytest.mark.parametrize("kind", ["centroid", "kmeans:2", "gmm:2", "cosine", "text"])
+def test_exclusion_means_one_thing_on_every_index(kind):
+    """An excluded domain is never chosen and keeps its exact distance; an unknown name or a k above what remains
+    is one clear error; a single string is one name; repeats count once."""
+    from semla_lab.core.profiles import fit_profile
+    g = torch.Generator().manual_seed(1)
+    centroids = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=1)
+    names = [f"d{i}" for i in range(6)]
+    embs = {n: centroids[i] + 0.05 * torch.randn(20, 8, generator=g) for i, n in enumerate(names)}
+    profiles = {n: fit_profile(embs[n], centroids[i], ["kmeans:2", "gmm:2"], vocabulary=embs[n][:3])
+                for i, n in enumerate(names)}
+    index = DomainIndex(centroids, names, profiles)
+    cfg = (RetrievalConfig(k=5, metric="cosine") if kind == "cosine" else
+           RetrievalConfig(k=5, text_weight=0.3) if kind == "text" else RetrievalConfig(k=5, index=kind))
+    text = embs["d0"][:3]
+    queries = embs["d0"][:4]
+    full = index.search(queries, cfg, class_text=text).distances
+    for exclude in (["d0"], "d0", ["d0", "d0"]):
+        r = index.search(queries, cfg, exclude, class_text=text)
+        assert not (r.indices == 0).any() and r.indices.shape == (4, 5)
+        assert torch.allclose(r.distances, full) and torch.isfinite(r.distances).all()
+    with pytest.raises(UsageError, match="unknown library entries.*'zz'"):
+        index.search(queries, cfg, ["zz"], class_text=text)
+    with pytest.raises(UsageError, match=r"k=5 must be in \[1, 4\]"):
+        index.search(queries, cfg, ["d0", "d1"], class_text=text)
+
+
+def test_centroids_are_validated_when_the_index_is_built():
+    with pytest.raises(UsageError, match="centroids contains NaN"):
+        DomainIndex(torch.tensor([[0.0], [math.nan]]), ["a", "b"])
+    with pytest.raises(UsageError, match="empty"):
+        DomainIndex(torch.zeros(0, 3), []).search(torch.zeros(3))
+
+
+def test_search_neither_revalidates_nor_measures_every_centroid(monkeypatch):
+    """What the predictor and evaluation run per batch: no pass over the centroids to validate them, no exact
+    distance to every centroid (one GEMM preselects); the exact distances come when a caller reads them."""
+    import semla_lab.core.retrieval as retrieval
+    g = torch.Generator().manual_seed(2)
+    index = DomainIndex(torch.randn(3000, 16, generator=g), [f"d{i}" for i in range(3000)])
+    measured, checked, cdist = [], [], torch.cdist
+    monkeypatch.setattr(torch, "cdist", lambda a, b, **kw: measured.append(b.shape[-2]) or cdist(a, b, **kw))
+    monkeypatch.setattr(retrieval, "_check_finite", lambda t, name: checked.append(name))
+    r = index.search(torch.randn(4, 16, generator=g), RetrievalConfig(k=5), exclude=["d9"])
+    assert checked == ["queries"] and measured and max(measured) < 3000
+    assert r.distances.shape == (4, 3000) and max(measured) == 3000

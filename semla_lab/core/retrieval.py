@@ -15,12 +15,18 @@ Beyond the paper (`DomainIndex`, notebook 10), three options of RetrievalConfig,
                                d_k the image distance (of the index kind), r_k the domain's coverage radius,
                                beta = fallback_strength; the null adapter gets w_0 = 1 - sum_k w'_k. Inside
                                every radius nothing changes; an infinite radius or beta = 0 is plain SemLA.
+                               A radius of 0 (a one-image domain, or kmeans:P fitted on P images) covers
+                               distance 0 only.
+
+`distances`, `top_k` and `softmax_weights` are the checked building blocks, one step each (notebook 05 retrieves
+by hand with them). `DomainIndex.search` is the one path that runs (SemLAPredictor, evaluation, `retrieve`):
+it validates a library's centroids once, when built, and gives the same indices and weights as those blocks.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 import math
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,16 +175,24 @@ class RetrievalConfig:
         return "+".join(["semla", *parts])
 
 
-@dataclass
 class Retrieval:
-    """Result for Q queries: indices (Q, K) long into the library, nearest first; weights (Q, K);
-    distances (Q, L) to every library entry; names (L,) in library order. With the coverage fallback,
-    base_weights (Q,) is the null adapter's (the base model's) weight, and weights sum to 1 - base_weights."""
-    indices: torch.Tensor
-    weights: torch.Tensor
-    distances: torch.Tensor
-    names: list[str]
-    base_weights: torch.Tensor | None = None
+    """Result for Q queries: indices (Q, K) long into the library, nearest first; weights (Q, K); distances
+    (Q, L) to every library entry (excluded ones too); names (L,) in library order. With the coverage fallback,
+    base_weights (Q,) is the null adapter's (the base model's) weight, and weights sum to 1 - base_weights.
+    `distances` may be given as a function: it is then computed on first access (a prediction needs only
+    indices and weights; evaluation records and reports read every distance)."""
+
+    def __init__(self, indices: torch.Tensor, weights: torch.Tensor,
+                 distances: torch.Tensor | Callable[[], torch.Tensor], names: list[str],
+                 base_weights: torch.Tensor | None = None):
+        self.indices, self.weights, self.names, self.base_weights = indices, weights, names, base_weights
+        self._distances = distances
+
+    @property
+    def distances(self) -> torch.Tensor:
+        if callable(self._distances):
+            self._distances = self._distances()
+        return self._distances
 
     def chosen(self, q: int) -> list[tuple[str, float, float]]:
         """(name, distance, weight) of the adapters retrieved for query q, nearest first."""
@@ -186,116 +200,58 @@ class Retrieval:
                 for i, w in zip(self.indices[q].tolist(), self.weights[q])]
 
 
-def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str],
-             config: RetrievalConfig = RetrievalConfig(), exclude: Iterable[str] = ()) -> Retrieval:
-    """Top-K library entries and their fusion weights for queries (Q, D) or (D,).
-
-    ``exclude`` names library entries that may not be chosen (leave-one-out evaluation);
-    a single string is taken as one name.
-    """
-    names = list(names)
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude)
-    if len(names) != centroids.shape[0]:
-        raise UsageError(f"got {len(names)} names for {centroids.shape[0]} centroids")
-    if len(set(names)) != len(names):
-        raise UsageError(f"library names must be unique, got {names}")
-    mask = torch.zeros(len(names), dtype=torch.bool)
-    for name in exclude:
-        if name not in names:
-            raise UsageError(f"cannot exclude unknown library entry {name!r}; known: {names}")
-        mask[names.index(name)] = True
-    dist = distances(queries, centroids, config.metric)
-    d_topk, indices = top_k(dist, config.k, mask)
-    if config.weighting == "softmax":
-        weights = softmax_weights(d_topk, config.tau)
-    else:
-        weights = uniform_weights(*indices.shape, dtype=dist.dtype).to(dist.device)
-    return Retrieval(indices=indices, weights=weights, distances=dist, names=names)
+def coverage_fallback(weights: torch.Tensor, d: torch.Tensor, radii: torch.Tensor, strength: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The coverage fallback (module docstring): weights (Q, K) of adapters at image distances d (Q, K) with
+    coverage radii (Q, K) -> (kept weights w'_k (Q, K), the base model's weight w_0 (Q,)). A radius of 0 (a
+    one-image domain) covers only distance 0: beyond it the adapter's weight goes to the base model entirely.
+    strength = 0 keeps every weight as it is (plain SemLA, w_0 = 0)."""
+    if strength == 0:
+        return weights, torch.zeros(len(weights), dtype=weights.dtype, device=weights.device)
+    over = torch.where(d <= radii, torch.zeros_like(d), d / radii - 1)      # d > r = 0: inf, exp(-inf) = 0
+    kept = weights * torch.exp(-strength * over)
+    return kept, (1 - kept.sum(1)).clamp_min(0)
 
 
-def checked_exclusion(names: Sequence[str], exclude: Iterable[str] | str, k: int) -> tuple[list[str], int]:
-    """The excluded names as a list and how many library entries remain; a UsageError for unknown names or a
-    k outside [1, remaining]."""
-    excluded = [exclude] if isinstance(exclude, str) else list(exclude)
-    unknown = [n for n in excluded if n not in names]
-    if unknown:
-        raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
-    available = len(names) - len(set(excluded))
-    if not 1 <= k <= available:
-        raise UsageError(f"k={k} must be in [1, {available}]: {available} library entries are available "
-                         "(not excluded)")
-    return excluded, available
-
-
-class CentroidIndex:
-    """A library's centroids validated once and searched many times (libraries of thousands).
-
-    Per query: one GEMM gives approximate squared distances, the K + MARGIN nearest are re-measured
-    exactly and stable-sorted, so indices, tie-breaking and weights equal `retrieve` (Euclidean);
-    `distances` outside the candidates are the GEMM approximation. Other metrics use `retrieve`.
-    The centroids are stored column-major, (D, L): a single query's GEMV then reads them in one
-    sequential pass (3x faster on a CPU than over the (L, D) rows at D=512)."""
-
-    MARGIN = 8
-
-    def __init__(self, centroids: torch.Tensor, names: Sequence[str]):
-        _check_finite(centroids, "centroids")
-        self.names = list(names)
-        if len(self.names) != centroids.shape[0] or len(set(self.names)) != len(self.names):
-            raise UsageError(f"need one unique name per centroid, got {len(self.names)} names for "
-                             f"{centroids.shape[0]} centroids")
-        self._columns = centroids.T.contiguous()                                        # (D, L)
-        self.sq_norms = (self._columns * self._columns).sum(0)                          # (L,)
-
-    @property
-    def centroids(self) -> torch.Tensor:
-        """(L, D), a view of the stored columns."""
-        return self._columns.T
-
-    def search(self, queries: torch.Tensor, config: RetrievalConfig = RetrievalConfig(),
-               exclude: Iterable[str] = ()) -> Retrieval:
-        if config.metric != "euclidean":
-            return retrieve(queries, self.centroids, self.names, config, exclude)
-        q = queries.unsqueeze(0) if queries.dim() == 1 else queries
-        _check_finite(q, "queries")
-        if q.shape[1] != self.centroids.shape[1]:
-            raise UsageError(f"query dimension {q.shape[1]} != centroid dimension {self.centroids.shape[1]}")
-        excluded, available = checked_exclusion(self.names, exclude, config.k)
-        scores = torch.addmm(self.sq_norms, q, self._columns, alpha=-2)    # squared distance - |q|^2: same order
-        if excluded:
-            scores[:, [self.names.index(n) for n in excluded]] = float("inf")
-        m = min(available, config.k + self.MARGIN)
-        cand = torch.topk(scores, m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
-        exact = (q[:, None, :] - self.centroids[cand]).pow(2).sum(-1).sqrt()          # (Q, m)
-        vals, pos = exact.sort(dim=1, stable=True)                                      # ties -> lower index
-        indices, d_topk = cand.gather(1, pos)[:, :config.k], vals[:, :config.k]
-        weights = (_softmax_weights(d_topk, config.tau) if config.weighting == "softmax"
-                   else uniform_weights(*indices.shape, dtype=q.dtype).to(q.device))
-        d2 = scores.add_((q * q).sum(1, keepdim=True)).clamp_min_(0)
-        return Retrieval(indices=indices, weights=weights, distances=d2.sqrt_(), names=self.names)
+def _euclidean(queries: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """cdist of queries (Q, D) to points (N, D), or each query q to its own points (Q, N, D) -> (Q, N), in the
+    promoted dtype, exactly as `distances` computes them (bitwise: the same kernel, pair by pair)."""
+    dtype = torch.promote_types(queries.dtype, points.dtype)
+    q, p = queries.to(dtype), points.to(dtype)
+    if p.dim() == 2:
+        return torch.cdist(q, p, compute_mode="donot_use_mm_for_euclid_dist")
+    return torch.cdist(q[:, None], p, compute_mode="donot_use_mm_for_euclid_dist")[:, 0]
 
 
 class DomainIndex:
     """A library's domains as retrieval sees them: centroids (L, D) and, for domains that have one, their
-    profile (profiles.py). `search` follows a RetrievalConfig; with the paper's options it is `retrieve`.
+    profile (profiles.py). `search` is the one retrieval path: SemLAPredictor, evaluation and `retrieve` call it.
 
-    With other options, search works like CentroidIndex: one GEMM over all prototypes (stored column-major,
-    (D, L P)) gives approximate distances, the K + MARGIN nearest domains are re-measured exactly (float64 for
-    the GMM) and stable-sorted; `distances` outside those candidates keep the approximation."""
+    The centroids are validated when the index is built, never per query. Per query: one GEMM over every
+    prototype (stored column-major, (D, L P), so a single query reads them in one pass) gives approximate
+    distances; the K + MARGIN nearest domains not excluded are re-measured exactly (the same cdist as
+    `distances`, float64 for the GMM; every domain for the cosine metric, itself one GEMM) and stable-sorted,
+    so indices, ties (to the lower index) and weights are those of sorting exact distances to every domain.
+    Excluded domains are never chosen and keep their distances. The returned distances (Q, L) are exact and
+    computed on first access."""
 
     MARGIN = 8
 
     def __init__(self, centroids: torch.Tensor, names: Sequence[str], profiles: dict[str, DomainProfile] | None = None,
                  where: str = "this library"):
         self.centroids, self.names, self.where = centroids, list(names), where
+        if centroids.dim() != 2:
+            raise UsageError(f"centroids must be (L, D), got shape {tuple(centroids.shape)}")
         if len(self.names) != centroids.shape[0] or len(set(self.names)) != len(self.names):
             raise UsageError(f"need one unique name per centroid, got {len(self.names)} names for "
                              f"{centroids.shape[0]} centroids")
-        self.profiles = {n: p for n, p in (profiles or {}).items() if n in self.names}
+        _check_finite(centroids, "centroids")
+        self._position = {n: i for i, n in enumerate(self.names)}
+        self.profiles = {n: p for n, p in (profiles or {}).items() if n in self._position}
         self._cache: dict[tuple, object] = {}
 
     @classmethod
-    def from_library(cls, library, names: Sequence[str] | None = None) -> "DomainIndex":
+    def from_library(cls, library, names: Sequence[str] | None = None) -> DomainIndex:
         names = library.names() if names is None else list(names)
         return cls(library.centroids(names), names, library.profiles(), f"library {library.root}")
 
@@ -316,7 +272,7 @@ class DomainIndex:
         """The kind's stacked tensors (profiles.stack) plus what the GEMM pass needs."""
         def build():
             if kind == "centroid":
-                st = {"means": self.centroids.float()[:, None]}
+                st = {"means": self.centroids[:, None]}
             else:
                 st = stack(self._profiled(f"{kind!r} index", lambda p: kind in p.kinds), kind)
             n, p, d = st["means"].shape
@@ -334,36 +290,76 @@ class DomainIndex:
             return st
         return self._cached(("kind", kind), build)
 
+    def _unit_rows(self) -> torch.Tensor:
+        """(L, D) L2-normalised centroids for the cosine metric, checked once."""
+        def build():
+            if (self.centroids.norm(dim=1) == 0).any():
+                raise UsageError("cosine distance undefined: centroids contains a zero vector")
+            return F.normalize(self.centroids, dim=1)
+        return self._cached(("unit",), build)
+
+    def _cosine(self, q: torch.Tensor) -> torch.Tensor:
+        """(Q, L) cosine distances, computed as `distances` does."""
+        if (q.norm(dim=1) == 0).any():
+            raise UsageError("cosine distance undefined: queries contains a zero vector")
+        rows = self._unit_rows()
+        dtype = torch.promote_types(q.dtype, rows.dtype)
+        return (1 - F.normalize(q.to(dtype), dim=1) @ rows.to(dtype).T).clamp(0, 2)
+
     def image_distances(self, queries: torch.Tensor, config: RetrievalConfig = RetrievalConfig()) -> torch.Tensor:
-        """(Q, L) exact image distances under config.index (and config.metric for centroids)."""
-        if config.index == "centroid":
-            return distances(queries, self.centroids, config.metric)
-        return kind_distances(self._queries(queries), config.index, self._kind(config.index))
+        """(Q, L) exact image distances to every domain under config.index (and config.metric for centroids)."""
+        q = self._queries(queries)
+        if config.index != "centroid":
+            return kind_distances(q, config.index, self._kind(config.index))
+        return self._cosine(q) if config.metric == "cosine" else _euclidean(q, self.centroids)
 
     def _queries(self, queries: torch.Tensor) -> torch.Tensor:
         q = queries.unsqueeze(0) if queries.dim() == 1 else queries
         _check_finite(q, "queries")
         if q.dim() != 2 or q.shape[1] != self.centroids.shape[1]:
             raise UsageError(f"queries must be (Q, {self.centroids.shape[1]}), got {tuple(q.shape)}")
+        if not self.names:
+            raise UsageError(f"{self.where} is empty: no domain to retrieve")
         return q
 
-    def _approx(self, q: torch.Tensor, kind: str) -> torch.Tensor:
-        """(Q, L) image distances from one GEMM pass (float32 rounding)."""
-        st = self._kind(kind)
+    def _excluded(self, exclude: Iterable[str] | str, k: int) -> list[int]:
+        """Positions of the excluded names; a UsageError for unknown names or a k outside [1, remaining]."""
+        excluded = [exclude] if isinstance(exclude, str) else list(exclude)
+        unknown = [n for n in excluded if n not in self._position]
+        if unknown:
+            raise UsageError(f"cannot exclude unknown library entries {unknown[:3]}")
+        positions = sorted({self._position[n] for n in excluded})
+        available = len(self.names) - len(positions)
+        if not 1 <= k <= available:
+            raise UsageError(f"k={k} must be in [1, {available}]: {available} library entries are available "
+                             "(not excluded)")
+        return positions
+
+    def _approx(self, q: torch.Tensor, config: RetrievalConfig, ranking: bool = False) -> torch.Tensor:
+        """(Q, L) image distances from one GEMM pass (rounding of the GEMM; exact for the cosine metric). With
+        `ranking`, Euclidean kinds may return any increasing function of them (squared distances - |q|^2)."""
+        if config.index == "centroid" and config.metric == "cosine":
+            return self._cosine(q)
+        st = self._kind(config.index)
         n, p = st["means"].shape[:2]
         if "columns" in st:
-            d2 = torch.addmm(st["sq_norms"], q, st["columns"], alpha=-2).view(len(q), p, n)
+            qc = q.to(st["columns"].dtype)
+            d2 = torch.addmm(st["sq_norms"], qc, st["columns"], alpha=-2).view(len(q), p, n)
             d2 = d2[:, 0] if p == 1 else torch.minimum(d2[:, 0], d2[:, 1]) if p == 2 else d2.amin(1)
-            return d2.add_((q * q).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
+            return d2 if ranking else d2.add_((qc * qc).sum(1, keepdim=True)).clamp_min_(0).sqrt_()
         maha = torch.addmm(q @ st["mean_columns"], q * q, st["inv_columns"])
         nll = -torch.logsumexp((st["const"] - 0.5 * maha).view(len(q), p, n), dim=1)
         return (2 * st["scale2"].view(1, -1) * (nll - st["nll_floor"].view(1, -1)).clamp_min(0)).sqrt()
 
-    def _exact(self, q: torch.Tensor, kind: str, cand: torch.Tensor) -> torch.Tensor:
+    def _exact(self, q: torch.Tensor, config: RetrievalConfig, cand: torch.Tensor, approx: torch.Tensor
+               ) -> torch.Tensor:
         """(Q, m) exact image distances of each query to its candidate domains cand (Q, m)."""
-        st = self._kind(kind)
+        if config.index == "centroid" and config.metric == "cosine":
+            return approx.gather(1, cand)
+        st = self._kind(config.index)
         if "columns" in st:
-            return (q[:, None, None, :] - st["means"][cand]).pow(2).sum(-1).sqrt().amin(-1)
+            means = st["means"][cand]                                                   # (Q, m, P, D)
+            return _euclidean(q, means.flatten(1, 2)).view(cand.shape + means.shape[2:3]).amin(-1)
         qd, mu, var = q.double()[:, None, None, :], st["means"][cand].double(), st["variances"][cand].double()
         log_comp = (st["log_weights"][cand].double() - 0.5 * (math.log(2 * math.pi) * q.shape[1] + var.log().sum(-1))
                     - 0.5 * ((qd - mu) ** 2 / var).sum(-1))
@@ -384,43 +380,44 @@ class DomainIndex:
 
     def search(self, queries: torch.Tensor, config: RetrievalConfig = RetrievalConfig(), exclude: Iterable[str] = (),
                class_text: torch.Tensor | None = None) -> Retrieval:
-        """Top-K domains and fusion weights for queries (Q, D) or (D,); `class_text` (T, D) are the test-time
-        class-name embeddings, needed when config.text_weight > 0."""
-        if config.is_paper:
-            return retrieve(queries, self.centroids, self.names, config, exclude)
+        """Top-K domains and fusion weights for queries (Q, D) or (D,). `exclude` names domains that may not be
+        chosen (leave-one-out; a single string is one name); `class_text` (T, D) are the test-time class-name
+        embeddings, needed when config.text_weight > 0."""
         q = self._queries(queries)
-        excluded, available = checked_exclusion(self.names, exclude, config.k)
-        lam = config.text_weight
+        excluded = self._excluded(exclude, config.k)
+        lam, k = config.text_weight, config.k
         if lam > 0 and class_text is None:
             raise UsageError("text_weight > 0 needs the test-time class names (class_text)")
         text = self.text_distances(class_text).to(q.dtype) if lam > 0 else None
         mix = (lambda image, txt: image) if text is None else (lambda image, txt: (1 - lam) * image + lam * txt)
-        if config.index == "centroid":                       # exact for every domain (also the cosine metric)
-            d_image = distances(q, self.centroids, config.metric)
-            cand = torch.arange(len(self.names)).expand(len(q), -1)
-        else:
-            d_image = self._approx(q, config.index)
-        dist = mix(d_image, text)
-        scores = dist
+        approx = self._approx(q, config, ranking=text is None)
+        scores = mix(approx, text)
         if excluded:
-            scores = dist.clone()
-            scores[:, [self.names.index(n) for n in excluded]] = float("inf")
-        if config.index == "centroid":
-            exact_image, exact = d_image, scores
-        else:
-            m = min(available, config.k + self.MARGIN)
-            cand = torch.topk(scores, m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values
-            exact_image = self._exact(q, config.index, cand)
-            exact = mix(exact_image, None if text is None else text[cand])
-            dist.scatter_(1, cand, exact)
+            scores = scores.clone() if scores is approx else scores
+            scores[:, excluded] = float("inf")
+        m = min(len(self.names) - len(excluded), k + self.MARGIN)
+        cand = torch.topk(scores, m, dim=1, largest=False, sorted=False).indices.sort(dim=1).values      # (Q, m)
+        exact_image = self._exact(q, config, cand, approx)
+        exact = mix(exact_image, None if text is None else text[cand])
         vals, pos = exact.sort(dim=1, stable=True)                                   # ties -> lower index
-        indices, d_topk = cand.gather(1, pos)[:, :config.k], vals[:, :config.k]
+        indices, d_topk = cand.gather(1, pos)[:, :k], vals[:, :k]
         weights = (_softmax_weights(d_topk, config.tau) if config.weighting == "softmax"
-                   else uniform_weights(*indices.shape, dtype=q.dtype))
+                   else uniform_weights(*indices.shape, dtype=d_topk.dtype).to(d_topk.device))
         base = None
         if config.fallback == "coverage":
-            d_k = exact_image.gather(1, pos[:, :config.k])
-            over = (d_k / self.radii(config.index)[indices].to(d_k) - 1).clamp_min(0)
-            weights = weights * torch.exp(-config.fallback_strength * over)
-            base = (1 - weights.sum(1)).clamp_min(0)
-        return Retrieval(indices=indices, weights=weights, distances=dist, names=self.names, base_weights=base)
+            d_k = exact_image.gather(1, pos[:, :k])
+            weights, base = coverage_fallback(weights, d_k, self.radii(config.index)[indices].to(d_k),
+                                              config.fallback_strength)
+
+        def every_distance() -> torch.Tensor:
+            full = self.image_distances(q, config)
+            return mix(full.to(exact.dtype), text).scatter_(1, cand, exact)
+        return Retrieval(indices, weights, every_distance, self.names, base)
+
+
+def retrieve(queries: torch.Tensor, centroids: torch.Tensor, names: Sequence[str],
+             config: RetrievalConfig = RetrievalConfig(), exclude: Iterable[str] = ()) -> Retrieval:
+    """Top-K library entries and their fusion weights for queries (Q, D) or (D,), in one call: builds a
+    DomainIndex (validating the centroids) and searches it. To search one library many times, build the
+    index once (SemLAPredictor and evaluation do)."""
+    return DomainIndex(centroids, names).search(queries, config, exclude)
