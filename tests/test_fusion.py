@@ -202,6 +202,48 @@ def test_library_model_equals_peft_for_each_honoured_lora_field(kind, tiny_segme
             assert (plain.model(images[:1], text) - ref[:1]).abs().max() > 0.1
 
 
+def test_each_lora_factor_is_stored_once(setup):
+    """B lives once per fused layer (as Bt, what `cat` reads); `B` is a view of it, not a second copy."""
+    _, _, _, fused, _, _ = setup
+    for layer in fused.layers.values():
+        assert {name for name, _ in layer.named_buffers(recurse=False)} == {"A", "Bt", "scaling"}
+        assert layer.B.data_ptr() == layer.Bt.data_ptr() and layer.B.shape == (len(NAMES), layer.base.out_features, 4)
+
+
+def _states(peft_model):
+    return {n: get_peft_model_state_dict(peft_model, adapter_name=n) for n in NAMES}
+
+
+@pytest.mark.parametrize("failure", ["not a Linear", "error while building"])
+def test_install_is_all_or_nothing(setup, monkeypatch, failure):
+    """An error halfway through installing leaves the model exactly as it was: same modules, same output."""
+    import semla_lab.core.fusion as fusion
+    base, peft_model, _, _, images, text = setup
+    model = copy.deepcopy(base)
+    modules = dict(model.named_modules())
+    states = _states(peft_model)
+    if failure == "not a Linear":          # a last target that cannot be fused, after every valid one
+        norm = next(n for n, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm))
+        for state in states.values():
+            state[f"base_model.model.{norm}.lora_A.weight"] = torch.zeros(4, 64)
+            state[f"base_model.model.{norm}.lora_B.weight"] = torch.zeros(64, 4)
+    else:                                  # the fifth fused layer fails to build
+        built, real = [], fusion.FusedLoRALinear.__init__
+
+        def failing(self, *args):
+            built.append(1)
+            if len(built) == 5:
+                raise RuntimeError("injected")
+            real(self, *args)
+        monkeypatch.setattr(fusion.FusedLoRALinear, "__init__", failing)
+    with pytest.raises((ValueError, RuntimeError)):
+        FusedAdapters(model, {n: (states[n], 2.0) for n in NAMES})
+    after = dict(model.named_modules())
+    assert after.keys() == modules.keys() and all(after[k] is modules[k] for k in modules)
+    with torch.no_grad():
+        assert torch.equal(model(images, text), base(images, text))
+
+
 def test_nested_select_restores_the_outer_selection(setup):
     base, _, fused_model, fused, images, text = setup
     outer = _fused(fused_model, fused, ["a0", "a1"], [0.7, 0.3], images, text)

@@ -55,16 +55,21 @@ def selecting(key: object, sel: Selection):
 
 class FusedLoRALinear(nn.Module):
     """A frozen Linear plus the stacked LoRA factors of every library adapter for it:
-    A (L, r, in), B (L, out, r), scaling (L,). With no active selection under `key` it is the plain Linear."""
+    A (L, r, in), B (L, out, r), scaling (L,). With no active selection under `key` it is the plain Linear.
+    B is stored once, as Bt (L, r, out) contiguous (what `cat` reads); `B` is a view of it."""
 
     def __init__(self, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, key: object):
         super().__init__()
         self.base = base
         self.register_buffer("A", A, persistent=False)
-        self.register_buffer("B", B, persistent=False)
-        self.register_buffer("Bt", B.transpose(1, 2).contiguous(), persistent=False)   # (L, r, out) for cat
+        self.register_buffer("Bt", B.transpose(1, 2).contiguous(), persistent=False)   # no copy if B is a view of it
         self.register_buffer("scaling", scaling, persistent=False)
         self.key = key               # that of the FusedAdapters that installed this layer (a copy gets its own)
+
+    @property
+    def B(self) -> torch.Tensor:
+        """(L, out, r), a view of Bt."""
+        return self.Bt.transpose(1, 2)
 
     def fuse(self, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fusion step for this layer, every image at once: A_cat (B, K r, in) and B_cat^T (B, K r, out)
@@ -109,7 +114,9 @@ def _module_path(key: str) -> tuple[str, str]:
 
 
 class FusedAdapters:
-    """Installs a library's adapters into a model (in place) as FusedLoRALinear layers.
+    """Installs a library's adapters into a model (in place) as FusedLoRALinear layers, all or none: every
+    target is checked and every fused layer built before the first is swapped in, so an error leaves the model
+    as it was. Any nn.Module works; targets are its nn.Linear submodules named in the adapters' keys.
 
     `adapters` maps name -> (peft state dict, scaling s): a number, or a function of the module path for
     per-module scaling (library.lora_scaling). Use `with fused.select(indices, weights):` to run the model with
@@ -121,30 +128,33 @@ class FusedAdapters:
             raise ValueError("FusedAdapters needs at least one adapter")
         self.model, self.names = model, list(adapters)
         self.key = object()
-        self.layers: dict[str, FusedLoRALinear] = {}
-        factors: dict[str, dict[str, list]] = {}
-        for name, (weights, _) in adapters.items():
+        self._position = {name: i for i, name in enumerate(self.names)}
+        factors: dict[str, dict[str, list]] = {}                   # path -> {"A": [L tensors], "B": [L tensors]}
+        for i, (weights, _) in enumerate(adapters.values()):
             for key, tensor in weights.items():
                 path, which = _module_path(key)
                 factors.setdefault(path, {"A": [None] * len(self.names), "B": [None] * len(self.names)})
-                factors[path][which][self.names.index(name)] = tensor.float()
-        for path, ab in factors.items():
-            missing = [self.names[i] for i, t in enumerate(ab["A"] + ab["B"]) if t is None][:3]
-            if missing:
-                raise ValueError(f"adapters {missing} lack LoRA weights for module {path!r}: "
-                                 "all adapters of a library must share target modules")
-            parent_path, _, child = path.rpartition(".")
-            parent = model.get_submodule(parent_path)
-            base = getattr(parent, child)
-            if isinstance(base, FusedLoRALinear):
-                raise ValueError(f"{path} already carries fused adapters; install once per model")
-            if not isinstance(base, nn.Linear):
-                raise ValueError(f"LoRA target {path} is a {type(base).__name__}, expected nn.Linear")
-            device = base.weight.device
-            scaling = torch.tensor([s(path) if callable(s) else s for _, s in adapters.values()], device=device)
-            self.layers[path] = FusedLoRALinear(base, torch.stack(ab["A"]).to(device),
-                                                torch.stack(ab["B"]).to(device), scaling.float(), self.key)
-            setattr(parent, child, self.layers[path])
+                factors[path][which][i] = tensor
+        scalings = [s for _, s in adapters.values()]
+        built = {path: self._build(path, ab, scalings) for path, ab in factors.items()}
+        self.layers = _swap_in(model, built)
+
+    def _build(self, path: str, ab: dict[str, list], scalings: list) -> FusedLoRALinear:
+        """The fused layer for target `path`, checked, not yet installed."""
+        missing = [self.names[i] for i, t in enumerate(ab["A"] + ab["B"]) if t is None][:3]
+        if missing:
+            raise ValueError(f"adapters {missing} lack LoRA weights for module {path!r}: "
+                             "all adapters of a library must share target modules")
+        base = self.model.get_submodule(path)
+        if isinstance(base, FusedLoRALinear):
+            raise ValueError(f"{path} already carries fused adapters; install once per model")
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRA target {path} is a {type(base).__name__}, expected nn.Linear")
+        device = base.weight.device
+        A = torch.stack([a.float() for a in ab["A"]]).to(device)                          # (L, r, in)
+        Bt = torch.stack([b.float().T for b in ab["B"]]).to(device)                       # (L, r, out), the one copy
+        scaling = torch.tensor([s(path) if callable(s) else s for s in scalings], device=device)
+        return FusedLoRALinear(base, A, Bt.transpose(1, 2), scaling.float(), self.key)
 
     @property
     def modules(self) -> list[str]:
@@ -179,7 +189,26 @@ class FusedAdapters:
         return fused
 
     def index(self, names: list[str]) -> torch.Tensor:
-        return torch.tensor([self.names.index(n) for n in names])
+        unknown = [n for n in names if n not in self._position]
+        if unknown:
+            raise ValueError(f"unknown adapter(s) {unknown[:3]}; installed: {self.names[:5]} ...")
+        return torch.tensor([self._position[n] for n in names])
+
+
+def _swap_in(model: nn.Module, layers: dict[str, FusedLoRALinear]) -> dict[str, FusedLoRALinear]:
+    """Put each built layer in place of its base Linear; if anything fails, put every base back."""
+    done = []
+    try:
+        for path, layer in layers.items():
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            setattr(parent, child, layer)
+            done.append((parent, child, layer.base))
+    except BaseException:
+        for parent, child, base in reversed(done):
+            setattr(parent, child, base)
+        raise
+    return layers
 
 
 def peft_weighted_forward(peft_model, adapters: list[str], weights: list[float], *inputs,
