@@ -23,7 +23,7 @@ from ..models.clip import Clip, embed_class_names, index_embeddings, resize_to_i
 from ..data.datasets import pil_to_tensor, read_image
 from ..core.fusion import FusedAdapters
 from ..core.errors import UsageError
-from .index import lora_scaling
+from .index import LibraryError, lora_scaling
 from ..core.retrieval import DomainIndex, Retrieval, RetrievalConfig
 from ..core.runtime import resolve_device
 from ..models.segmenter import upsample_logits
@@ -32,12 +32,13 @@ from ..models.segmenter import upsample_logits
 class LibraryModel:
     """A copy of `segmenter` with all adapters of `library` installed for per-image fusion."""
 
-    def __init__(self, segmenter: torch.nn.Module, library, device=None):
+    def __init__(self, segmenter: torch.nn.Module, library, device=None, names: Sequence[str] | None = None):
         self.device = resolve_device(device)
         self.model = copy.deepcopy(segmenter).to(self.device).eval()
         scaling = partial(lora_scaling, library.lora_config)     # per module: alpha_pattern, rank_pattern
         self.library = library
-        self.fused = FusedAdapters(self.model, {n: (library.load_adapter_state(n), scaling) for n in library.names()})
+        names = library.names() if names is None else names   # adapter i is names[i]: the index's row i
+        self.fused = FusedAdapters(self.model, {n: (library.load_adapter_state(n), scaling) for n in names})
         self.names = self.fused.names
 
     def embed(self, clip: Clip, images: torch.Tensor) -> torch.Tensor:
@@ -138,9 +139,17 @@ class SemLAPredictor:
 
     @property
     def model(self) -> LibraryModel:
-        """The segmenter with every adapter installed; built on first use (retrieval alone never needs it)."""
+        """The segmenter with the adapters of the domains that `index` was built over, in its order; built on first
+        use (retrieval alone never needs it). A library changed since (a domain removed or replaced, here or by
+        another process and then `refresh`) is an error: retrieved indices would name other adapters."""
         if self._model is None:
-            self._model = LibraryModel(self._segmenter, self.library, self._device)
+            names = self.index.names
+            stale = [n for i, n in enumerate(names)
+                     if n not in self.library or not torch.equal(self.library.get(n).centroid, self.index.centroids[i])]
+            if stale:
+                raise LibraryError(f"library {self.library.root} changed since this predictor was made: domain(s) "
+                                   f"{stale[:3]} removed or replaced; make a new SemLAPredictor")
+            self._model = LibraryModel(self._segmenter, self.library, self._device, names)
         return self._model
 
     def set_image(self, image, exclude=()) -> Retrieval:
