@@ -196,10 +196,12 @@ def test_nearer_never_gets_less_weight(lib, tau):
 
 
 def test_retrieval_is_a_plain_record():
+    import pickle
     r = retrieve(torch.zeros(2, 1, dtype=torch.float64) + 0.9, C1, N1, RetrievalConfig(k=2))
     assert isinstance(r, Retrieval)
     assert r.indices.dtype == torch.long and r.indices.shape == (2, 2)
-    assert r.distances.shape == (2, 3) and r.names == N1
+    copy = pickle.loads(pickle.dumps(r))                         # e.g. back from a Ray task
+    assert r.distances.shape == (2, 3) and r.names == N1 and torch.equal(copy.distances, r.distances)
 
 
 def _exhaustive(queries, centroids, cfg, excluded=()):

@@ -194,6 +194,10 @@ class Retrieval:
             self._distances = self._distances()
         return self._distances
 
+    def __getstate__(self) -> dict:
+        """Pickled (Ray, multiprocessing) with its distances computed."""
+        return {**self.__dict__, "_distances": self.distances}
+
     def chosen(self, q: int) -> list[tuple[str, float, float]]:
         """(name, distance, weight) of the adapters retrieved for query q, nearest first."""
         return [(self.names[i], float(self.distances[q, i]), float(w))
