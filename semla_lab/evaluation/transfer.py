@@ -36,7 +36,7 @@ from .experiments import evaluate_model
 from ..models.lora import load_adapter
 from ..core.metrics import MIoU, harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel
-from ..core.retrieval import RetrievalConfig, retrieve
+from ..core.retrieval import DomainIndex, RetrievalConfig
 from ..data.sources import load_split, load_target
 
 
@@ -54,14 +54,13 @@ def target_transfer(engine: LibraryModel, clip, target, batch_size: int = 50) ->
     text = embed_class_names(clip, target.class_names)
     keys = ["zero_shot", "uniform", "top1", *names]
     meters = {k: MIoU(len(target.class_names), per_image=k in ("zero_shot", "uniform")) for k in keys}
-    centroids, chosen = engine.library.centroids(names), Counter()
+    index, chosen = DomainIndex(engine.library.centroids(names), names), Counter()
     for start in range(0, len(target.images), batch_size):
         x = target.images[start:start + batch_size].float().div(255)
         y = target.labels[start:start + batch_size].long()
         n = len(x)
         emb = engine.embed(clip, x)
-        top1 = retrieve(emb, centroids, names, RetrievalConfig(k=1),
-                        exclude=[target.name] if target.name in names else []).indices
+        top1 = index.search(emb, RetrievalConfig(k=1), exclude=[target.name] if target.name in names else []).indices
         chosen.update(names[i] for i in top1[:, 0].tolist())
         one = torch.ones(n, 1)
         selections = {"zero_shot": (None, None), "top1": (top1, one),
