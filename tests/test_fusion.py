@@ -244,6 +244,27 @@ def test_install_is_all_or_nothing(setup, monkeypatch, failure):
         assert torch.equal(model(images, text), base(images, text))
 
 
+def test_install_finds_each_adapter_by_name_once_not_by_scanning():
+    """Installing L adapters is linear in L: no name comparisons while placing each tensor (a scan of the name
+    list per tensor made it quadratic)."""
+    comparisons = []
+
+    class Name(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            comparisons.append(1)
+            return str.__eq__(self, other)
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    names = [Name(f"a{i}") for i in range(50)]
+    state = {f"{m}.lora_{ab}.weight": torch.zeros(shape) for m, shapes in (("0", ((1, 3), (2, 1))),
+                                                                          ("1", ((1, 2), (2, 1))))
+             for ab, shape in zip("AB", shapes)}
+    FusedAdapters(model, {n: (state, 1.0) for n in names})
+    assert len(comparisons) == 0
+
+
 def test_nested_select_restores_the_outer_selection(setup):
     base, _, fused_model, fused, images, text = setup
     outer = _fused(fused_model, fused, ["a0", "a1"], [0.7, 0.3], images, text)
