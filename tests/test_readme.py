@@ -34,7 +34,7 @@ def test_readme_python_example_runs(tmp_path):
     example = re.search(r"```python\n(.*?)```", README, re.DOTALL).group(1)
     assert len(example.strip().splitlines()) == 6
     env = {**os.environ, "PYTHONPATH": str(ROOT), "SEMLA_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-c", example], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
     assert run.returncode == 0, run.stderr
     explained = run.stdout.strip()
@@ -42,7 +42,7 @@ def test_readme_python_example_runs(tmp_path):
 
 
 def test_docs_hold_no_chronology():
-    pattern = re.compile(r"\bThen:|\bbranch\b|scratch (script|copy|patch|variant)|\bissue \d+|\bsession\b", re.I)
+    pattern = re.compile(r"\bThen:|\bbranch\b|scratch (script|copy|patch|variant)|\bissue \d+|\bsession\b", re.IGNORECASE)
     for page in sorted((ROOT / "docs").rglob("*.md")):
         hits = [line for line in page.read_text().splitlines() if pattern.search(line)]
         assert not hits, f"{page.name}: {hits}"
