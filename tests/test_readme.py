@@ -28,6 +28,8 @@ def test_headline_row_is_the_shipped_benchmark():
     for page in (README, (ROOT / "docs/index.md").read_text()):
         assert f"| semla_lab, mini world | {row}" in page, row
         assert "| 39.4 | 51.9 | 54.2 | 61.1 | 68% |" in page
+    weight_level, late = (stored["results"][m]["hmean"] for m in ("semla", "semla_late"))
+    assert f"({weight_level:.2f} vs {late:.2f})" in README, "the departures box's fusion comparison"
 
 
 def test_readme_python_example_runs(tmp_path):
