@@ -1,4 +1,4 @@
-# The commands of the README: `make demo`, `make test` and `make lab`. All install into .venv first.
+# The commands of the README: `make demo`, `make test` and `make lab` (and `make site`). All install into .venv first.
 # `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check).
 # `make assets RAY=1` trains the library's adapters as Ray tasks on a local cluster (RAY_ADDRESS: a running one).
 VENV   := .venv
@@ -8,14 +8,14 @@ export SEMLA_THREADS ?= 1
 export NUMBA_CACHE_DIR ?= $(CURDIR)/.numba_cache
 export MPLBACKEND ?= Agg
 
-.PHONY: install demo test wheel-check assets bench lab clean
+.PHONY: install demo test wheel-check assets bench lab site clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,docs]"
 	$(PY) -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
@@ -35,10 +35,14 @@ assets: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py
 
-# JupyterLab from the project's venv on notebooks/. JUPYTER_PATH puts the venv's kernel (the package's Python,
-# installed by `make install`) ahead of any user-level kernel named python3; ipywidgets draws the progress bars.
+# JupyterLab from the project's venv on notebooks/ (tools/lab.sh: no browser; --allow-root only as root).
 lab: $(STAMP)
-	JUPYTER_PATH=$(CURDIR)/$(VENV)/share/jupyter $(VENV)/bin/jupyter lab --notebook-dir=notebooks
+	VENV=$(VENV) tools/lab.sh
+
+# The documentation site into site/: docs/, the notebooks from their stored outputs, the API reference. Strict: a
+# broken internal link or a missing page fails the build (tests/test_site.py builds it too, then opens it in Chromium).
+site: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) runs .numba_cache .pytest_cache .wheel_check
+	rm -rf $(VENV) runs .numba_cache .pytest_cache .wheel_check site .cache
