@@ -106,7 +106,7 @@ def test_an_engine_starts_and_stops_its_own_local_cluster(monkeypatch):
             assert ray.cluster_resources()["CPU"] == 2
             assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
             listening = listening_addresses()
-            assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, f"reachable from the network: {listening}"
+            assert listening and listening <= {"127.0.0.1", "::ffff:127.0.0.1"}, listening
             assert dict(engine.map(seeded_sum, [5])) == dict(Engine().map(seeded_sum, [5]))
             assert dict(engine.map(imported, ["wave"])) == {"wave": True}, "preloaded as the worker started"
     finally:

@@ -19,8 +19,8 @@ and `ray.wait` hands results back as they complete:
   (`ray start --head --node-ip-address 127.0.0.1`) is joined at `127.0.0.1:port`; Ray itself would rewrite
   that address to the machine's network address, where such a head does not listen.
   A Ray session already open in this process (a test's) is reused, not shut down.
-- Environment variables Ray sets as a session starts (RAY_USAGE_STATS_ENABLED, RAY_AUTH_MODE, PYTHONBREAKPOINT) get their
-  values back once it has started.
+- Environment variables Ray sets as a session starts (RAY_USAGE_STATS_ENABLED, RAY_AUTH_MODE,
+  PYTHONBREAKPOINT) get their values back once it has started.
 - Each task reserves as many CPUs as the driver's torch thread count, which it runs with (so its numbers are
   those of the serial run), and `gpus` GPUs (Ray then sets CUDA_VISIBLE_DEVICES: use device "cuda" in the
   job, not "cuda:N"). A task whose worker dies (killed, out of memory) is rerun up to `retries` times;

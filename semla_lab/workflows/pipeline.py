@@ -283,12 +283,13 @@ def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfi
 def _claim_next(library: AdapterLibrary, todo: dict[str, str], claims: dict[str, ExitStack],
                 skipped: list[str]) -> list[str]:
     """Claim (AdapterLibrary.claim) every domain of `todo` {name: source} that no other process is training,
-    waiting for the first one when all are taken; move the claimed ones out of `todo`, those the library
-    holds into `skipped` (released at once), and return the sources to train now (claims held in `claims`)."""
-    batch = []
-    for i, name in enumerate(list(todo)):
+    waiting for the last one when none of the others could be claimed; move the claimed ones out of `todo`,
+    those the library holds into `skipped` (released at once), and return the sources to train now (their
+    claims held in `claims`)."""
+    batch, names = [], list(todo)
+    for name in names:
         hold = ExitStack()
-        free = hold.enter_context(library.claim(name, wait=not batch and i == len(todo) - 1))
+        free = hold.enter_context(library.claim(name, wait=not batch and name == names[-1]))
         if free is None:
             continue                               # another build is training it: look again next round
         source = todo.pop(name)
