@@ -44,7 +44,6 @@ def library_bytes(root: Path) -> dict[str, bytes]:
 
 def run_mode(workers: int | None, work: Path, cfg: AdapterConfig, eval_cfg: EvalConfig, device: str) -> dict:
     """Build the library and run leave-one-out in one mode (None: serial); times and outputs."""
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     t0 = time.perf_counter()
     pipeline._replay.cache_clear()                           # every mode builds its replay split itself
     pipeline._load.cache_clear()

@@ -84,6 +84,11 @@ def world_summary(specs, count: int = 64):
     return pd.DataFrame(rows).set_index("domain")
 
 
+RAY_ADDRESS_HELP = ("join a running Ray cluster: auto (the one `ray start` last started on this machine) or the "
+                    "address `ray start --head` printed, with RAY_AUTH_MODE=token; 127.0.0.1:PORT only for a head "
+                    "started with --node-ip-address 127.0.0.1 (default: $RAY_ADDRESS); implies --ray")
+
+
 def _engine(args):
     """Where the command's jobs run: serially, or as Ray tasks with --ray / --ray-address (engine.py), on
     workers that import the pipeline as they start."""
@@ -662,7 +667,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="unlabelled training images per target that active growth sees (default: 50)")
     sc.add_argument("--k", type=int, default=5, help="adapters SemLA retrieves per image (default: 5)")
     sc.add_argument("--ray", action="store_true", help="run training and evaluation as Ray tasks")
-    sc.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS); implies --ray")
+    sc.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
     sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
     sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
     sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
@@ -687,8 +692,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "real domains)")
     for q in (b, e, a, bl, ad):
         q.add_argument("--ray", action="store_true", help="run every adapter training / target evaluation as a "
-                                                          "Ray task (a local cluster unless --ray-address)")
-        q.add_argument("--ray-address", help="join this Ray cluster (default: $RAY_ADDRESS); implies --ray")
+                                                          "Ray task (a cluster of its own on 127.0.0.1 unless --ray-address)")
+        q.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
         q.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
 
     for q in sub.choices.values():

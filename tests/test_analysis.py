@@ -94,7 +94,7 @@ def test_umap_fits_points_and_extra_jointly(monkeypatch):
             seen.update(kwargs)
 
         def fit_transform(self, x):
-            seen["rows"] = len(x)
+            seen["rows"], seen["cache"] = len(x), os.environ.get("NUMBA_CACHE_DIR")
             return x[:, :2] * 2
 
     monkeypatch.setitem(sys.modules, "umap", types.SimpleNamespace(UMAP=FakeUMAP))
@@ -105,7 +105,7 @@ def test_umap_fits_points_and_extra_jointly(monkeypatch):
     assert seen["n_neighbors"] == 4 and seen["n_components"] == 2
     assert p.shape == (15, 2) and c.shape == (3, 2)
     assert np.allclose(p, 2 * pts[:, :2].double().numpy()) and np.allclose(c, 2 * centers[:, :2].numpy())
-    assert "NUMBA_CACHE_DIR" in os.environ
+    assert seen["cache"] and "NUMBA_CACHE_DIR" not in os.environ, "set for umap only, then restored"
     p, none = umap_project(pts)
     assert none is None and seen["rows"] == 15
 

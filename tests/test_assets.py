@@ -89,14 +89,61 @@ def test_interrupted_build_library_keeps_what_it_committed_and_resumes(monkeypat
     assert adapter_fingerprints(AdapterLibrary(out)).loc[["nyu"]].equals(first), "the resumed build left nyu alone"
 
 
-def test_replace_path_swaps_files_and_folders(tmp_path):
-    (tmp_path / "new").mkdir()
-    (tmp_path / "new" / "a").write_text("new")
-    (tmp_path / "dest").mkdir()
-    (tmp_path / "dest" / "a").write_text("old")
-    assets.replace_path(tmp_path / "new", tmp_path / "dest")
-    assert (tmp_path / "dest" / "a").read_text() == "new"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dest"]
-    (tmp_path / "f.new").write_text("1")
-    assets.replace_path(tmp_path / "f.new", tmp_path / "dest" / "a")
-    assert (tmp_path / "dest" / "a").read_text() == "1"
+BUILDER = """
+import os, sys, time
+from pathlib import Path
+from semla_lab.cli import main
+from semla_lab.workflows import pipeline
+
+log, barrier = Path(sys.argv[1]), Path(sys.argv[2])
+real_open, real_train = pipeline.open_library, pipeline.train_staged
+
+
+def wait_for_both(stage):
+    (barrier / f"{stage}-{os.getpid()}").touch()
+    while len(list(barrier.glob(f"{stage}-*"))) < 2:
+        time.sleep(0.01)
+
+
+def open_library(*args, **kwargs):
+    wait_for_both("open")              # both look for the library before either creates it
+    library = real_open(*args, **kwargs)
+    wait_for_both("opened")            # both hold it before either trains a domain
+    return library
+
+
+def train_staged(segmenter, clip, data, *args, **kwargs):
+    with open(log, "a") as f:
+        f.write(data.name + "\\n")
+    return real_train(segmenter, clip, data, *args, **kwargs)
+
+
+pipeline.open_library, pipeline.train_staged = open_library, train_staged
+try:
+    sys.exit(main(sys.argv[3:]))
+finally:                               # a build that fails never keeps the other one waiting
+    for stage in ("open", "opened"):
+        (barrier / f"{stage}-{os.getpid()}").touch()
+"""
+
+
+def test_two_builds_of_one_library_at_once_train_each_domain_once(tmp_path):
+    """Two `semla-lab build-library` processes, held at a barrier until both have looked for the library and
+    then until both have opened it: both exit 0, and the library holds each domain, each trained once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    out, log, barrier = tmp_path / "L", tmp_path / "trained.log", tmp_path / "barrier"
+    barrier.mkdir()
+    argv = ["build-library", "--out", str(out), "--domains", "acdc_fog", "nyu", "--steps", "1", "--max-images", "8",
+            "--quiet"]
+    env = {**os.environ, "PYTHONPATH": str(Path(pipeline.__file__).parents[2])}
+    env.pop("SEMLA_ASSETS", None)
+    builds = [subprocess.Popen([sys.executable, "-c", BUILDER, str(log), str(barrier), *argv], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outputs = [b.communicate(timeout=600)[0] for b in builds]
+    assert [b.returncode for b in builds] == [0, 0], outputs
+    assert sorted(log.read_text().split()) == ["acdc_fog", "nyu"], "a domain was trained twice"
+    assert sorted(AdapterLibrary(out).names()) == ["acdc_fog", "nyu"]
+    assert sorted(p.name for p in out.parent.iterdir()) == ["L", "barrier", "trained.log"], "leftovers beside L"

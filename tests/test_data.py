@@ -177,3 +177,21 @@ def test_empty_domain_cannot_train_or_evaluate(tiny_segmenter):
         path.write_text(yaml.safe_dump(spec))
         with pytest.raises(ValueError, match="no test images"):
             load_target(str(path))
+
+
+@pytest.mark.parametrize("field, value, pattern", [
+    ("image", "/etc/hostname", "image path '/etc/hostname'.*relative"),
+    ("label", "../../outside.png", r"label path '\.\./\.\./outside\.png'.*inside the dataset folder"),
+    ("name", "../../escape", r"name '\.\./\.\./escape' is not usable as a folder name"),
+    ("name", ".hidden", r"name '\.hidden' is not usable"),
+])
+def test_a_manifest_pointing_outside_its_folder_is_refused(dataset, field, value, pattern):
+    root, _ = dataset
+    manifest = json.loads((root / "manifest.json").read_text())
+    if field == "name":
+        manifest["name"] = value                       # would become a path under the build's staging folder
+    else:
+        manifest["samples"][1][field] = value
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=pattern):
+        SegmentationDataset(root)

@@ -221,6 +221,35 @@ def test_add_refuses_pickle_weights_without_unpickling(lib, adapters, tmp_path):
     assert not marker.exists() and len(lib) == 0
 
 
+def test_add_copies_only_the_adapter_files_and_never_through_a_link(lib, adapters, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(adapters["a"], src)
+    (src / "notes.txt").write_text("not part of an adapter")
+    (src / "checkpoints").mkdir()
+    (src / "checkpoints" / "big.safetensors").write_bytes(b"0" * 1000)
+    (src / "elsewhere").symlink_to(tmp_path)           # copytree would have copied the whole tmp_path
+    lib.add("a", src, centroid(1), 1)
+    assert sorted(p.name for p in lib.adapter_path("a").iterdir()) == ["README.md", "adapter_config.json",
+                                                                        "adapter_model.safetensors"]
+    secret = tmp_path / "secret.safetensors"
+    shutil.move(src / "adapter_model.safetensors", secret)
+    (src / "adapter_model.safetensors").symlink_to(secret)
+    with pytest.raises(LibraryError, match="domain 'b': .*adapter_model.safetensors is a symbolic link"):
+        lib.add("b", src, centroid(2), 1)
+    assert lib.names() == ["a"]
+
+
+@pytest.mark.parametrize("version", ["1/../../outside", "2", 1.5, True, -1])
+def test_a_profiles_version_that_is_not_an_integer_is_refused(lib, adapters, version):
+    lib.add("a", adapters["a"], centroid(1), 1)
+    (lib.root / "profiles.json").write_text(json.dumps({"format": 1, "version": version,
+                                                        "file": f"profiles-{version}.safetensors", "domains": {}}))
+    for action in (lib.profiles, lambda: lib.remove("a")):
+        with pytest.raises(LibraryError, match=r"profiles.json has version .*; it must be a non-negative integer"):
+            action()
+    assert AdapterLibrary(lib.root).names() == ["a"]
+
+
 def test_add_refuses_wrong_peft_type_and_unpaired_weights(lib, adapters, tmp_path):
     src = tmp_path / "ia3"
     shutil.copytree(adapters["a"], src)
@@ -375,10 +404,9 @@ def _add_until_stopped(root: Path, adapter: Path, stage: str, ready: Path) -> No
         ready.touch()
         time.sleep(60)
 
-    if stage == "copy":        # adapter half copied into adapters/.tmp-new-*
-        real = shutil.copytree
-        copy_one_then_stop = lambda s, d: (shutil.copy2(s, d), stop())
-        shutil.copytree = lambda src, dst, **kw: real(src, dst, copy_function=copy_one_then_stop)
+    if stage == "copy":        # adapter half copied into adapters/.new.new-*
+        real = shutil.copyfile
+        shutil.copyfile = lambda src, dst: (real(src, dst), stop())
     elif stage == "centroids":  # adapters/new in place, new centroids file not yet written
         library.atomic_write_bytes = stop
     else:                        # adapter and centroids-<v+1> written, index.json not yet
@@ -405,7 +433,7 @@ def test_killed_add_leaves_previous_library(tmp_path, adapters):
         assert child.exitcode == -signal.SIGKILL
         root = tmp_path / stage
         left = sorted(p.name for p in (root / "adapters").iterdir())
-        assert left[0].startswith(".tmp-new-") if stage == "copy" else left == ["a", "new"], (stage, left)
+        assert left[0].startswith(".new.new-") if stage == "copy" else left == ["a", "new"], (stage, left)
         assert (root / "centroids-2.safetensors").exists() == (stage == "index"), stage
         reopened = AdapterLibrary(root)
         assert reopened.names() == ["a"] and reopened.version == 1, stage

@@ -133,3 +133,11 @@ def test_notebook_plot_helpers_draw_what_they_are_given():
     fig3 = plots.prediction_grid([("d1", img, {"gt": mask, "pred": mask}), ("d2", img, {"gt": mask, "pred": mask})])
     assert len(fig3.axes) == 6 and [ax.get_title() for ax in fig3.axes[:3]] == ["image", "gt", "pred"]
     plt.close("all")
+
+
+def test_a_missing_adapter_folder_is_refused_not_looked_up_on_the_hub(tmp_path, tiny_segmenter, monkeypatch):
+    from semla_lab.core.errors import MissingFileError
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")              # old code took the name for a Hub id
+    for missing in ("some-org/some-adapter", tmp_path / "gone"):
+        with pytest.raises(MissingFileError, match="no adapter at .*adapter_config.json"):
+            load_adapter(tiny_segmenter, missing)

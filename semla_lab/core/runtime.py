@@ -1,11 +1,13 @@
-"""Run-time settings: torch threads (SEMLA_THREADS), device choice, seeds, where assets live, and the
-known harmless log messages that notebooks silence."""
+"""Run-time settings: torch threads (SEMLA_THREADS), device choice, seeds, where assets live, environment
+variables set only for a block, and the known harmless log messages that notebooks silence."""
 from __future__ import annotations
 
 import logging
 import os
 import random
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -58,6 +60,25 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def scoped_env(**values: str | None) -> Iterator[None]:
+    """Set (a string) or unset (None) environment variables for the block; afterwards each named variable has
+    its value from before again, also where the block (or a library it called) changed it."""
+    before = {name: os.environ.get(name) for name in values}
+
+    def put(settings: dict) -> None:
+        for name, value in settings.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    put(values)
+    try:
+        yield
+    finally:
+        put(before)
 
 
 def assets_dir() -> Path:

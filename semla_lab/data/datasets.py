@@ -10,7 +10,8 @@ Every item is a dict: image (3, H, W) float32 in [0, 1], label (H, W) int64, id,
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 from typing import Iterable
 
 import numpy as np
@@ -24,6 +25,7 @@ from ..core.io import atomic_write_json
 IGNORE_INDEX = 255
 MANIFEST = "manifest.json"
 MAX_PIXELS = 4096 * 4096   # refuse decompression bombs; resize bigger images before use
+_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")   # a dataset name is a folder name (library domains)
 
 
 class DataError(SemlaError, ValueError):
@@ -135,6 +137,17 @@ def read_manifest(root: str | Path) -> dict:
     dupes = {i for i in ids if ids.count(i) > 1} if len(set(ids)) != len(ids) else set()
     if dupes:
         raise DataError(f"{path} has duplicate sample ids: {sorted(dupes)[:5]}")
+    name = manifest.get("name", root.name)
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise DataError(f"{path}: name {name!r} is not usable as a folder name; use 1-128 letters, digits, "
+                        "'_', '-' or '.', not starting with '.'")
+    for s in manifest["samples"]:
+        for key in ("image", "label"):
+            rel = s.get(key)
+            parts = PurePosixPath(rel).parts if isinstance(rel, str) else ()
+            if not parts or PurePosixPath(rel).is_absolute() or ".." in parts or "\\" in rel:
+                raise DataError(f"{path}: sample {s.get('id')!r} has {key} path {rel!r}; paths must be relative "
+                                "and stay inside the dataset folder")
     return manifest
 
 

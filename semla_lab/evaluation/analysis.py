@@ -24,6 +24,7 @@ import torch
 
 from ..core.errors import UnknownNameError, UsageError
 from ..core.retrieval import distances, softmax_weights
+from ..core.runtime import scoped_env
 
 
 # ---- embedding space ------------------------------------------------------------------------------
@@ -71,10 +72,10 @@ def umap_project(points: torch.Tensor, extra: torch.Tensor | None = None, n_neig
                  min_dist: float = 0.1, random_state: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """2-D UMAP of points (N, D) and `extra` (M, D) (e.g. centroids), fitted jointly on both.
     Deterministic (fixed random_state, one thread). The first call in a process compiles numba
-    code (~20 s); NUMBA_CACHE_DIR is pointed at a writable folder before umap is imported."""
-    os.environ.setdefault("NUMBA_CACHE_DIR", str(Path(tempfile.gettempdir()) / "semla_numba_cache"))
+    code (~20 s); NUMBA_CACHE_DIR points at a writable folder (unless set) while umap is imported and runs."""
     import warnings
-    with warnings.catch_warnings():
+    cache = os.environ.get("NUMBA_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "semla_numba_cache")
+    with scoped_env(NUMBA_CACHE_DIR=cache), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*overridden.*")
         warnings.filterwarnings("ignore", category=FutureWarning)
         import umap

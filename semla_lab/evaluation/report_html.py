@@ -8,9 +8,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import plots
+from ..core.io import atomic_folder, atomic_write_bytes, atomic_write_text
 from ..data.datasets import read_image
 from .domain_shift import ShiftAnalysis, map_coordinates
 
@@ -183,22 +181,15 @@ def read_report(path: str | Path) -> dict:
 
 def write_report(analysis: ShiftAnalysis, library, out: str | Path) -> dict[str, Path]:
     """Write report.html, images.csv and figures/<name>.png into `out` (created if needed). Everything is
-    written into a staging folder inside `out` first and moved into place at the end, so an error leaves
-    an earlier report untouched; nothing is written outside `out`."""
-    from ..library.assets import replace_path
+    rendered first and then written atomically (core/io.py), so an error leaves an earlier report untouched;
+    nothing is written outside `out`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     figures = report_figures(analysis, library)
-    stage = Path(tempfile.mkdtemp(dir=out, prefix=".report-"))
-    try:
-        (stage / FIGURES).mkdir()
+    csv, page = analysis.table.to_csv(index=False).encode(), render_html(analysis, figures, library)
+    with atomic_folder(out / FIGURES, replace=True) as stage:
         for name, figure in figures.items():
-            (stage / FIGURES / f"{name}.png").write_bytes(figure.png)
-        analysis.table.to_csv(stage / CSV, index=False)
-        (stage / HTML).write_text(render_html(analysis, figures, library), encoding="utf-8")
-        replace_path(stage / FIGURES, out / FIGURES)
-        os.replace(stage / CSV, out / CSV)
-        os.replace(stage / HTML, out / HTML)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+            atomic_write_bytes(stage / f"{name}.png", figure.png)
+    atomic_write_bytes(out / CSV, csv)
+    atomic_write_text(out / HTML, page)
     return {"report": out / HTML, "csv": out / CSV, "figures": out / FIGURES}

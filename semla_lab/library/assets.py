@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..models.clip import TINY_CLIP, Clip, load_clip
-from ..core.io import atomic_write_json
+from ..core.io import atomic_path, atomic_replace, atomic_write_json
 from ..core.errors import MissingFileError
 from ..core.runtime import assets_dir, resolve_device
 from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter
@@ -32,10 +31,8 @@ ARTIFACTS = ("tiny_clip.safetensors", "segmenter.safetensors", "library", "manif
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, dtype=None) -> None:
     """safetensors save through a temporary file (atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}, str(tmp))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: (v.to(dtype) if dtype else v).contiguous() for k, v in state.items()}, str(tmp))
 
 
 def file_digest(path: Path) -> str:
@@ -88,24 +85,11 @@ def staging(near: Path, seed: Path | None = None):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def replace_path(new: Path, dest: Path) -> None:
-    """Put `new` at `dest`. A file is swapped by one os.replace. A folder: the old one is renamed aside,
-    the new one renamed in, then the old one deleted; a crash in between leaves the old folder at
-    `.<name>.old-*` beside `dest`, never a half-written one at `dest`."""
-    new, dest = Path(new), Path(dest)
-    if new.is_file() or not dest.exists():
-        os.replace(new, dest)
-        return
-    old = dest.with_name(f".{dest.name}.old-{secrets.token_hex(4)}")
-    dest.rename(old)
-    new.rename(dest)
-    shutil.rmtree(old)
-
-
 def commit(staged: Path, root: Path) -> list[str]:
-    """Replace root's artifacts with those built in `staged` (manifest last); returns their names."""
+    """Replace root's artifacts with those built in `staged` (manifest last), each atomically (a crash
+    leaves the old library folder or the new one, never none); returns their names."""
     root.mkdir(parents=True, exist_ok=True)
     names = [name for name in ARTIFACTS if (staged / name).exists()]
     for name in names:
-        replace_path(staged / name, root / name)
+        atomic_replace(staged / name, root / name)
     return names

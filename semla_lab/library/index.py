@@ -7,8 +7,9 @@ Layout of a library folder:
                                        "domains": [{name, num_images, metadata, adapter: "adapters/<name>"},
                                        ...]}  (insertion order)
     centroids-<version>.safetensors   one (D,) float32 tensor per domain name
-    adapters/<name>/                  the folder peft's save_pretrained wrote, copied as is
+    adapters/<name>/                  the files of the adapter folder peft's save_pretrained wrote (ADAPTER_FILES)
     .lock                             writers hold fcntl.flock on it
+    .claims/<name>                    a build training domain <name> holds fcntl.flock on it (AdapterLibrary.claim)
     profiles.json                     optional (notebook 10): {"format", "version", "file", "quantile",
                                        "domains": {name: {num_images, kinds, coverage: {kind: radius},
                                        vocabulary: bool}}}
@@ -35,7 +36,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,16 +46,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from ..core.io import atomic_write_bytes, atomic_write_json
+from ..core.io import atomic_folder, atomic_write_bytes, atomic_write_json
 from ..core.errors import SemlaError
 from ..core.profiles import DomainProfile, parse_index
 
 FORMAT = 1
 INDEX = "index.json"
 LOCK = ".lock"
+CLAIMS = ".claims"
 ADAPTERS = "adapters"
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+ADAPTER_FILES = (CONFIG, WEIGHTS, "README.md")         # what an adapter consists of: all that `add` copies
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 COUNT_KEYS = ("num_images", "num_samples", "count")   # optional image count in a loradb statistics file
 _NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")
@@ -78,14 +80,6 @@ class LibraryEntry:
     num_images: int | None
     metadata: dict = field(default_factory=dict)
     path: Path | None = None
-
-
-def _share(folder: Path) -> None:
-    """Give a copied adapter folder the usual permissions (sources written in temp dirs are 0600/0700)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [folder, *folder.rglob("*")]:
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def check_name(name: object) -> str:
@@ -221,10 +215,15 @@ def _load_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 def read_adapter_config(adapter_dir: str | Path, where: str) -> dict:
-    """adapter_config.json of a peft adapter folder, refusing folders that ship pickle weight files."""
+    """adapter_config.json of a peft adapter folder, refusing folders that ship pickle weight files or whose
+    adapter files are symbolic links (an adapter is read, and copied, only from its own files)."""
     adapter_dir = Path(adapter_dir)
     if not adapter_dir.is_dir():
         raise LibraryError(f"{where}: adapter folder not found: {adapter_dir}")
+    links = [name for name in ADAPTER_FILES if (adapter_dir / name).is_symlink()]
+    if links:
+        raise LibraryError(f"{where}: {adapter_dir / links[0]} is a symbolic link; an adapter folder must hold "
+                           "its files themselves")
     pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if pickles:
         raise LibraryError(f"{where}: adapter folder {adapter_dir} contains pickle file(s) {pickles}; only "
@@ -456,6 +455,36 @@ class AdapterLibrary:
         finally:
             os.close(fd)
 
+    @contextmanager
+    def claim(self, name: str, wait: bool = True) -> Iterator[bool | None]:
+        """Hold domain `name` while training it, so that builds of this library running at the same time train
+        it once: an exclusive lock on .claims/<name>, which the kernel releases if this process dies. Yields
+        True when the caller should train and add the domain, False when the library holds it already (decided
+        under the writer lock once the claim is held), and, without `wait`, None when another process holds
+        the claim."""
+        path = self.root / CLAIMS / check_name(name)
+        path.parent.mkdir(exist_ok=True)
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break                      # else its previous holder removed the file: lock the new one
+            except BlockingIOError:
+                os.close(fd)
+                yield None
+                return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        try:
+            with self._locked():
+                free = name not in self
+            yield free
+        finally:
+            path.unlink(missing_ok=True)
+            os.close(fd)
+
     def _clean(self) -> None:
         """Under the lock: drop what crashed writers left (temp files and folders, adapter folders the
         index does not list) and centroid files older than the previous version."""
@@ -486,17 +515,28 @@ class AdapterLibrary:
 
     # ---- profiles (profiles.py) ------------------------------------------------------------------
 
-    def _profiles_version(self) -> int:
+    def _profiles_meta(self) -> dict | None:
+        """profiles.json, with its version checked (it names a file), or None for a library without profiles."""
         path = self.root / PROFILES
-        return _read_json(path, "library profiles").get("version", 0) if path.is_file() else 0
+        if not path.is_file():
+            return None
+        meta = _read_json(path, "library profiles")
+        version = meta.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise LibraryError(f"{path} has version {version!r}; it must be a non-negative integer")
+        return meta
+
+    def _profiles_version(self) -> int:
+        meta = self._profiles_meta()
+        return 0 if meta is None else meta.get("version", 0)
 
     def profiles(self) -> dict[str, DomainProfile]:
         """{name: DomainProfile} of the domains that have a current profile (insertion order); {} for a
         library without profiles. Stale profiles (domain gone, or re-added with another centroid) are left out."""
         path = self.root / PROFILES
-        if not path.is_file():
+        meta = self._profiles_meta()
+        if meta is None:
             return {}
-        meta = _read_json(path, "library profiles")
         if self._profiles_cache is not None and self._profiles_cache[0] == meta:
             return dict(self._profiles_cache[1])
         if meta.get("format") != PROFILES_FORMAT or meta.get("file") != f"profiles-{meta.get('version')}.safetensors" \
@@ -558,8 +598,8 @@ class AdapterLibrary:
 
     def add(self, name: str, adapter_dir: str | Path, centroid: torch.Tensor, num_images: int | None,
             metadata: dict | None = None) -> LibraryEntry:
-        """Validate, then copy the adapter folder in as adapters/<name> and index it under its centroid (D,).
-        Never touches other domains' files."""
+        """Validate, then copy the adapter's files (ADAPTER_FILES, nothing else) in as adapters/<name> and index
+        it under its centroid (D,). Never touches other domains' files."""
         check_name(name)
         if name in self:
             raise LibraryError(f"domain {name!r} is already in library {self.root}; remove it first")
@@ -579,11 +619,10 @@ class AdapterLibrary:
         with self._locked():
             if name in self:
                 raise LibraryError(f"domain {name!r} is already in library {self.root}; remove it first")
-            adapters = self.root / ADAPTERS
-            tmp = adapters / f".tmp-{name}-{secrets.token_hex(4)}"
-            shutil.copytree(adapter_dir, tmp)
-            _share(tmp)
-            os.replace(tmp, adapters / name)
+            with atomic_folder(self.root / ADAPTERS / name) as folder:
+                for file in ADAPTER_FILES:
+                    if (Path(adapter_dir) / file).is_file():
+                        shutil.copyfile(Path(adapter_dir) / file, folder / file)
             entry = {"name": name, "num_images": num_images, "metadata": metadata, "adapter": f"{ADAPTERS}/{name}"}
             self._commit(self._index["domains"] + [entry], {**self._centroids, name: centroid})
         return self.get(name)

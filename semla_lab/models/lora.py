@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..core.errors import MissingFileError
 from .segmenter import LORA_TARGETS
 
 
@@ -106,9 +107,12 @@ def target_liveness(module: nn.Module, inputs: tuple, names: list[str], r: int =
 
 
 def load_adapter(segmenter: nn.Module, adapter_dir: str | Path):
-    """A peft model: a copy of `segmenter` with the adapter saved in `adapter_dir`, in eval mode."""
+    """A peft model: a copy of `segmenter` with the adapter saved in the local folder `adapter_dir`, in eval
+    mode. A missing folder is an error (peft would take its name for a Hugging Face Hub id and download it)."""
     from peft import PeftModel
-    return PeftModel.from_pretrained(copy.deepcopy(segmenter), str(adapter_dir)).eval()
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise MissingFileError(f"no adapter at {adapter_dir}: expected a local folder holding adapter_config.json")
+    return PeftModel.from_pretrained(copy.deepcopy(segmenter), str(adapter_dir), local_files_only=True).eval()
 
 
 def describe_adapter(adapter_dir: str | Path) -> dict:

@@ -12,6 +12,10 @@ that a job can load them wherever it runs. The jobs, one per adapter or per targ
   build equals the serial one byte for byte). A retried or killed task never leaves half an adapter in
   the library, and a killed driver leaves a library holding what it committed.
 - building into an existing library skips the domains it already holds: rerunning a build resumes it.
+  Each domain is claimed and checked under the library lock just before it is trained, so two builds of
+  one library at the same time train each domain once, and neither fails for the other.
+- on Ray the driver needs no GPU: it loads its models on the CPU, and a job asks Ray for one GPU when the
+  device names CUDA (`placement`).
 """
 from __future__ import annotations
 
@@ -19,14 +23,14 @@ import json
 import secrets
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
 from ..library.assets import base_model_id, load_segmenter, save_weights, update_manifest
@@ -34,6 +38,7 @@ from ..models.clip import (
     TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
 )
 from ..core.engine import Engine
+from ..core.io import atomic_folder, atomic_write_bytes
 from ..core.errors import UsageError
 from ..evaluation.experiments import (
     METHODS, EvalConfig, ablate_target, config_methods, ablation_tables, benchmark_payload, benchmark_target,
@@ -71,6 +76,16 @@ class Models:
     def on_worker(self, gpus: float) -> "Models":
         """The same models for a Ray task that was given `gpus` (Ray picks its GPU: device "cuda")."""
         return replace(self, device="cuda") if gpus and self.device.startswith("cuda") else self
+
+
+def placement(models: Models, engine: Engine) -> tuple[Models, Models, float]:
+    """(the models as the driver loads them, as each job loads them, the GPUs each job asks for). Serially
+    all are this process's. On Ray the driver, which may have no GPU, loads on the CPU, and a job asks for
+    one GPU when the device names CUDA: Ray then runs it where a GPU is free, and it resolves "cuda" there."""
+    if not engine.ray:
+        return models, models, 0.0
+    gpus = 1.0 if str(models.device).startswith("cuda") else 0.0
+    return replace(models, device="cpu"), models.on_worker(gpus), gpus
 
 
 def _stamp(path: str | None) -> tuple:
@@ -154,7 +169,7 @@ def train_staged(segmenter: OVSegmenter, clip: Clip, data: Split, folder: Path, 
     info = train_adapter(segmenter, embed_class_names(clip, data.class_names), data.images, data.labels,
                          folder / "adapter", base_model, cfg, device, progress, replay)
     centroid = index_embeddings(clip, data.images, embedder).mean(0)
-    save_file({"centroid": centroid.contiguous()}, str(folder / CENTROID))
+    atomic_write_bytes(folder / CENTROID, save({"centroid": centroid.contiguous()}))
     return {"name": data.name, "folder": str(folder), "num_images": len(data), "metadata": data.metadata,
             "info": info}
 
@@ -240,28 +255,51 @@ def staging_folder(near: Path):
 
 
 def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfig) -> AdapterLibrary:
-    """The library at `out`, created (atomically: built beside, renamed in) when absent. An existing one
-    must have been built for the same CLIP, segmenter and LoRA shape; building into it resumes it."""
+    """The library at `out`, created when absent (built beside and renamed in; when another process creates
+    it first, that one is opened). An existing one must have been built for the same CLIP, segmenter and
+    LoRA shape; building into it resumes it."""
     out = Path(out)
-    if (out / "index.json").is_file():
-        library = AdapterLibrary(out)
-        check_embedder(clip, library.embedder, f"library {out}")
-        if library.base_model != base_model:
-            raise UsageError(f"library {out} was built on segmenter {library.base_model}, not {base_model}")
-        if (library.lora_config["r"], library.lora_config["lora_alpha"]) != (cfg.r, cfg.lora_alpha):
-            raise UsageError(f"library {out} holds LoRA r={library.lora_config['r']}, alpha="
-                             f"{library.lora_config['lora_alpha']}; this build asks for r={cfg.r}, alpha={cfg.lora_alpha}")
-        return library
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"{out} exists and is neither an adapter library nor an empty folder; choose a new one")
-    fresh = out.parent / f".{out.name}.new-{secrets.token_hex(4)}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    AdapterLibrary.create(fresh, embedder=clip.identity(), base_model=base_model,
-                          lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
-    if out.exists():
-        out.rmdir()
-    fresh.rename(out)
-    return AdapterLibrary(out)
+    not_a_library = f"{out} exists and is neither an adapter library nor an empty folder; choose a new one"
+    if not (out / "index.json").is_file():
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UsageError(not_a_library)
+        try:
+            with atomic_folder(out) as fresh:
+                AdapterLibrary.create(fresh, embedder=clip.identity(), base_model=base_model, lora={
+                    "r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
+        except FileExistsError:
+            if not (out / "index.json").is_file():
+                raise UsageError(not_a_library) from None
+    library = AdapterLibrary(out)
+    check_embedder(clip, library.embedder, f"library {out}")
+    if library.base_model != base_model:
+        raise UsageError(f"library {out} was built on segmenter {library.base_model}, not {base_model}")
+    if (library.lora_config["r"], library.lora_config["lora_alpha"]) != (cfg.r, cfg.lora_alpha):
+        raise UsageError(f"library {out} holds LoRA r={library.lora_config['r']}, alpha="
+                         f"{library.lora_config['lora_alpha']}; this build asks for r={cfg.r}, alpha={cfg.lora_alpha}")
+    return library
+
+
+def _claim_next(library: AdapterLibrary, todo: dict[str, str], claims: dict[str, ExitStack],
+                skipped: list[str]) -> list[str]:
+    """Claim (AdapterLibrary.claim) every domain of `todo` {name: source} that no other process is training,
+    waiting for the last one when none of the others could be claimed; move the claimed ones out of `todo`,
+    those the library holds into `skipped` (released at once), and return the sources to train now (their
+    claims held in `claims`)."""
+    batch, names = [], list(todo)
+    for name in names:
+        hold = ExitStack()
+        free = hold.enter_context(library.claim(name, wait=not batch and name == names[-1]))
+        if free is None:
+            continue                               # another build is training it: look again next round
+        source = todo.pop(name)
+        if free:
+            claims[name] = hold
+            batch.append(source)
+        else:
+            hold.close()
+            skipped.append(name)
+    return batch
 
 
 def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models(),
@@ -269,32 +307,41 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
                 replay_source: str | None = SOURCE_DOMAIN, max_images: int | None = None,
                 image_size: int | None = None, progress: bool = True) -> dict:
     """Train one adapter per source (its train split) and add each to the library at `out`, created when
-    absent. Domains the library already holds are skipped (a rerun resumes an interrupted build).
-    Jobs run on `engine` (default: serially here); they ask for one GPU each when the device is CUDA.
+    absent. Domains the library holds are skipped (a rerun resumes an interrupted build), decided per domain
+    just before it is trained: a domain another build of the same library is training is waited for, then
+    skipped. Jobs run on `engine` (default: serially here; see `placement` for GPUs).
     Returns {"added": {domain: training info}, "skipped": [domains], "seconds": wall time}."""
     out = Path(out)
     engine = engine or Engine()
-    clip, _ = load_models(models)
+    driver, worker, gpus = placement(models, engine)
+    clip, _ = load_models(driver)
     base = base_model_id(Path(models.segmenter) if models.segmenter else None, models.clip)
     library = open_library(out, clip, base, cfg)
     cfg = adapter_recipe(library, cfg)
-    held = set(library.names())
     names = [domain_name(s) for s in sources]
     if len(set(names)) != len(names):
         raise UsageError(f"each domain may be given once, got {names}")
-    todo = [s for s, n in zip(sources, names) if n not in held]
-    gpus = 1.0 if resolve_device(models.device).type == "cuda" else 0.0
-    t0, added = time.time(), {}
-    with staging_folder(out) as stage:
-        jobs = [AdapterJob(s, models.on_worker(gpus) if engine.ray else models, cfg, base,
-                           json.dumps(library.embedder, sort_keys=True), str(stage), max_images,
-                           image_size) for s in todo]
-        replay = build_replay(models, cfg, replay_source, image_size) if jobs else None
-        done = engine.map(train_adapter_job, jobs, gpus=gpus, ordered=True, shared=replay)
-        for job, staged in tqdm(done, total=len(jobs), desc="adapters", disable=not progress):
-            commit_staged(library, staged)
-            added[staged["name"]] = staged["info"]
-    return {"added": added, "skipped": [n for n in names if n in held], "seconds": round(time.time() - t0, 1)}
+    todo, claims = {n: s for s, n in zip(sources, names) if n not in library}, {}
+    t0, added, skipped, replay = time.time(), {}, [n for n in names if n in library], None
+    bar = tqdm(total=len(todo), desc="adapters", disable=not progress)
+    try:
+        with staging_folder(out) as stage:
+            while todo:
+                batch = _claim_next(library, todo, claims, skipped)
+                jobs = [AdapterJob(s, worker, cfg, base, json.dumps(library.embedder, sort_keys=True), str(stage),
+                                   max_images, image_size) for s in batch]
+                if jobs and replay is None:
+                    replay = build_replay(driver, cfg, replay_source, image_size)
+                for job, staged in engine.map(train_adapter_job, jobs, gpus=gpus, ordered=True, shared=replay):
+                    commit_staged(library, staged)
+                    added[staged["name"]] = staged["info"]
+                    claims.pop(domain_name(job.source)).close()
+                    bar.update()
+    finally:
+        for hold in claims.values():
+            hold.close()
+        bar.close()
+    return {"added": added, "skipped": [n for n in names if n in skipped], "seconds": round(time.time() - t0, 1)}
 
 
 # ---- evaluation -----------------------------------------------------------------------------------
@@ -320,8 +367,8 @@ def evaluate(targets: Sequence[str], models: Models, methods: Sequence[str] = ME
     the same payload as experiments.run_benchmark, written to `out_dir` when given."""
     methods = tuple(config_methods(methods, cfg))
     engine = engine or Engine()
-    gpus = 1.0 if resolve_device(models.device).type == "cuda" else 0.0
-    jobs = [EvalJob(t, models.on_worker(gpus) if engine.ray else models, methods, cfg) for t in targets]
+    _, worker, gpus = placement(models, engine)
+    jobs = [EvalJob(t, worker, methods, cfg) for t in targets]
     outcomes = [r for _, r in tqdm(engine.map(evaluate_job, jobs, gpus=gpus, ordered=True), total=len(jobs),
                                    desc="targets", disable=not progress)]
     payload = benchmark_payload(outcomes, AdapterLibrary(models.library), list(targets), methods, cfg)
@@ -348,8 +395,8 @@ def ablate(targets: Sequence[str], models: Models, configs: Sequence[EvalConfig]
     """experiments.run_ablation with one job per target on `engine`: the ablation table (and CSVs in `out_dir`)."""
     methods = tuple(check_methods(methods))
     engine = engine or Engine()
-    gpus = 1.0 if resolve_device(models.device).type == "cuda" else 0.0
-    jobs = [AblateJob(t, models.on_worker(gpus) if engine.ray else models, methods, tuple(configs)) for t in targets]
+    _, worker, gpus = placement(models, engine)
+    jobs = [AblateJob(t, worker, methods, tuple(configs)) for t in targets]
     per_target = {job.source: r for job, r in tqdm(engine.map(ablate_job, jobs, gpus=gpus, ordered=True),
                                                     total=len(jobs), desc="ablation", disable=not progress)}
     table, tidy = ablation_tables(per_target, list(configs), methods)

@@ -23,8 +23,6 @@ Notebook 11 presents the study.
 from __future__ import annotations
 
 import json
-import secrets
-import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -34,9 +32,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..library.assets import replace_path
 from ..models.clip import index_embeddings
-from ..core.io import atomic_write_json
+from ..core.io import atomic_folder, atomic_write_json
 from ..core.engine import Engine
 from ..core.errors import UsageError
 from ..evaluation.experiments import EvalConfig
@@ -113,16 +110,11 @@ def nested_library(pool: AdapterLibrary, names: Sequence[str], root: Path) -> Ad
         if existing.names() == list(names) and all(
                 existing.get(n).metadata == pool.get(n).metadata for n in names):
             return existing
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.with_name(f".{root.name}.build-{secrets.token_hex(4)}")
-    try:
+    with atomic_folder(root, replace=True) as tmp:
         library = AdapterLibrary.create(tmp, pool.embedder, pool.base_model, pool.lora_config)
         for n in names:
             entry = pool.get(n)
             library.add(n, entry.path, entry.centroid, entry.num_images, entry.metadata)
-        replace_path(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return AdapterLibrary(root)
 
 

@@ -11,14 +11,13 @@ Notebook 11 grows libraries from a pool.
 from __future__ import annotations
 
 import random
-import secrets
-import shutil
 from pathlib import Path
 from typing import Mapping
 
 import yaml
 
 from ...core.errors import UsageError
+from ...core.io import atomic_folder, atomic_write_text
 from .concepts import SCENE_KINDS, STYLES
 from .spec import DomainSpec, SpecError, load_spec, load_vocabularies, to_dict, validate_spec
 
@@ -133,17 +132,12 @@ def write_pool(specs: list[DomainSpec], folder: str | Path,
     if vocabularies is None:
         from .generate import mini_dir
         vocabularies = load_vocabularies(mini_dir() / VOCABULARIES)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(f".{folder.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
-    try:
-        (tmp / VOCABULARIES).write_text(yaml.safe_dump({k: dict(v) for k, v in vocabularies.items()}, sort_keys=False))
+    with atomic_folder(folder) as tmp:
+        atomic_write_text(tmp / VOCABULARIES,
+                          yaml.safe_dump({k: dict(v) for k, v in vocabularies.items()}, sort_keys=False))
         for spec in specs:
             raw = spec_file_dict(spec, _vocabulary_key(spec, vocabularies))
-            (tmp / f"{spec.name}.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            atomic_write_text(tmp / f"{spec.name}.yaml", yaml.safe_dump(raw, sort_keys=False))
     return folder
 
 

@@ -17,6 +17,7 @@ from typing import Mapping
 import yaml
 
 from ...core.errors import SemlaError
+from ...core.io import atomic_write_text
 from .concepts import CONCEPTS, SCENE_KINDS, STYLES
 
 # factor -> (default, minimum, maximum). Weather and time are intensities in [0, 1]; camera factors
@@ -217,6 +218,5 @@ def write_spec(spec, path: str | Path) -> Path:
     """Write a DomainSpec as a YAML spec file (vocabulary inline), loadable by world.generate.get_domain
     and usable as a benchmark target (`semla-lab evaluate --targets path.yaml`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(spec), sort_keys=False))
+    atomic_write_text(path, yaml.safe_dump(to_dict(spec), sort_keys=False))
     return path
