@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core.errors import MissingFileError, SemlaError
+from .core.errors import MissingFileError, SemlaError, UsageError
 
 
 def _csv(kind):
@@ -40,7 +40,6 @@ def _domains(args_domains):
 
 
 def cmd_world(args):
-    import torch
     from .data.datasets import write_dataset
     from .data.world.generate import generate, shipped_domains
     specs = _domains(args.domains) if args.domains else list(shipped_domains().values())
@@ -450,13 +449,13 @@ def cmd_beyond(args):
     from .library.index import AdapterLibrary
     from .core.manifests import manifests_dir
     from .data.world.generate import target_domains
-    libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
     variants = {}
     for text in args.variant:
         cfg = EvalConfig(**_variant(text))
         if cfg.extra_method is None:
             raise UsageError(f"variant {text!r} turns no option beyond the paper on")
         variants[cfg.extra_method] = cfg
+    libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
     heldout = args.heldout if args.heldout is not None else sorted(str(p) for p in
                                                                    (manifests_dir() / "heldout").glob("*.yaml"))
     clip = load_clip(device=args.device)

@@ -6,13 +6,12 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from semla_lab.library.assets import load_segmenter
 from semla_lab.evaluation.beyond import beyond_table, deltas, worst_below_zero_shot
 from semla_lab.cli import main
 from semla_lab.models.clip import load_clip
-from semla_lab.evaluation.experiments import METHODS, EvalConfig, run_benchmark
+from semla_lab.evaluation.experiments import EvalConfig, run_benchmark
 from semla_lab.library.index import PROFILES, AdapterLibrary
 from semla_lab.library.predictor import SemLAPredictor
 from semla_lab.core.retrieval import RetrievalConfig

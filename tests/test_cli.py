@@ -4,6 +4,9 @@ import json
 import pytest
 
 from semla_lab.cli import main
+from semla_lab.core.runtime import assets_dir
+
+SHIPPED_LIBRARY = str(assets_dir() / "library")
 
 
 def run(capsys, *argv):
@@ -39,6 +42,11 @@ def test_world_writes_dataset_and_preview(capsys, tmp_path):
     (["zero-shot", "--device", "cdua"], "'cdua' is not a torch device"),
     (["build-library", "--out", "lib", "--domains", "nyu", "--strength", "1.5"],
      "AdapterConfig.strength must be in (0, 1], got 1.5"),
+    (["segment", "photo.png", "--out", "o.png", "--classes", ",".join(f"c{i}" for i in range(256))],
+     "at most 255 classes fit an 8-bit mask, got 256"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "index"], "bad variant part 'index'"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "text_weight=x"], "bad value in variant part"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "index=centroid"], "turns no option beyond the paper on"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
     monkeypatch.setenv("SEMLA_DATA_ROOT", str(tmp_path))

@@ -18,7 +18,6 @@ from semla_lab.data.real_data import missing_data_message, real_data_status
 from semla_lab.data.real_layout import write_real_layout
 from semla_lab.evaluation.outputs import load_benchmark, records_from_retrieval
 from semla_lab.core.runtime import quiet_known_warnings
-from semla_lab.models.segmenter import build_segmenter
 from semla_lab.data.sources import load_split
 from semla_lab.training.train import AdapterConfig
 from semla_lab.data.world.spec import write_spec

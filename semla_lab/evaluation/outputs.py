@@ -44,7 +44,6 @@ def _results(payload_or_results: dict) -> dict:
 
 def paper_comparison(payload_or_results: dict) -> pd.DataFrame:
     """Per method: our h-mean and gap closed next to the paper's (NaN where the paper has none)."""
-    from .experiments import gap_closed
     results = _results(payload_or_results)
     gaps = gap_closed(results)
     zs, orc = PAPER_HMEAN["zero_shot"], PAPER_HMEAN["oracle"]

@@ -14,11 +14,15 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from .segmenter import LORA_TARGETS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class LoRALinear(nn.Module):
