@@ -185,6 +185,9 @@ def cmd_evaluate(args):
         payload = evaluate(args.targets or target_domains(), models, methods, cfg, args.out, engine,
                            progress=not args.quiet)
     print(format_table(payload["results"]))
+    whole = [t for t, left_out in payload["leave_one_out"].items() if not left_out]
+    if whole:
+        print(f"\nnot library domains, so nothing was left out (retrieval saw the whole library): {', '.join(whole)}")
     if payload["bootstrap"]:
         print("\n" + format_intervals(payload["bootstrap"]))
     gap = payload["gap_closed"].get("semla")
@@ -215,7 +218,7 @@ def cmd_tune(args):
     from .evaluation.tuning import format_tuning, held_out_tuning, selection_table
     from .data.world.generate import target_domains
     grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
-                         batch_size=[args.batch_size])
+                         batch_size=[args.batch_size], **_beyond_options(args))
     seg, clip, library = _bundle(args)
     result = held_out_tuning(seg, clip, library, args.targets or target_domains(), grid,
                              selection_images=args.selection_images, report_images=args.max_images,

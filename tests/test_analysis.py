@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from semla_lab.evaluation.analysis import (compare_centroids, distance_matrix, effective_number, fuse_by_hand,
                                 fused_layer_delta, group_means, linear_cross_terms, lora_factors, lora_modules,
                                 masks_miou, method_masks, nearest_centroid_confusion, one_at_a_time, pca_project,
-                                peft_layer_delta, top_confusions, umap_project, weights_vs_tau)
+                                peft_layer_delta, semla_with, top_confusions, umap_project, weights_vs_tau)
 from semla_lab.evaluation.experiments import EvalConfig
 from semla_lab.core.fusion import FusedAdapters
 from semla_lab.library.index import AdapterLibrary
@@ -267,3 +267,26 @@ def test_method_masks_zero_shot_semla_and_oracle(tiny_segmenter, tiny_clip_rando
     assert chosen != "d0"
     assert torch.equal(masks["SemLA"], method_masks(predictor, classes, oracle=chosen)["oracle"])
     assert list(method_masks(predictor, classes)) == ["zero-shot", "SemLA"]
+
+
+def test_semla_with_keeps_the_predictors_other_retrieval_options():
+    """Only K and tau change for the call: index, fallback and text weight stay; the config is restored."""
+    class Recorder:
+        config = RetrievalConfig(index="kmeans:4", fallback="coverage", fallback_strength=2.0, text_weight=0.3)
+        seen = []
+
+        def set_image(self, image, exclude=()):
+            self.seen.append(self.config)
+
+        def explain(self):
+            return [("d0", 0.1, 1.0)]
+
+        def predict(self, class_names):
+            return torch.zeros(2, 2, dtype=torch.long)
+
+    predictor = Recorder()
+    saved = predictor.config
+    out = semla_with(predictor, None, ["road"], k=3, tau=0.2)
+    assert predictor.seen == [RetrievalConfig(3, 0.2, index="kmeans:4", fallback="coverage", fallback_strength=2.0,
+                                              text_weight=0.3)]
+    assert predictor.config is saved and out["n_eff"] == 1.0 and out["miou"] is None

@@ -165,6 +165,7 @@ def test_dataset_folder_is_a_target(bundle, tmp_path):
     payload = run_benchmark(seg, clip, lib, [str(tmp_path / "mine")], ["zero_shot", "semla"], EvalConfig(),
                             device="cpu", progress=False)
     assert payload["results"]["semla"]["num_images"] == {"mine": 4}
+    assert payload["leave_one_out"] == {"mine": False}              # no library domain: nothing to leave out
     direct = run_benchmark(seg, clip, lib, ["acdc_rain"], ["zero_shot"], EvalConfig(max_images=4, batch_size=4),
                            device="cpu", progress=False)
     assert payload["results"]["zero_shot"]["per_domain"]["mine"] == direct["results"]["zero_shot"]["per_domain"]["acdc_rain"]
@@ -178,3 +179,18 @@ def test_evaluate_command_prints_table_intervals_and_gap(capsys):
     header = next(line for line in out.splitlines() if "semla - uniform" in line)
     assert header.split() == ["semla", "-", "uniform", "semla", "-", "zero_shot"]
     assert "% of the zero-shot -> oracle h-mean gap (paper: 68%)" in out
+    assert "nothing was left out" not in out
+
+
+def test_evaluate_says_when_a_target_is_no_library_domain(capsys, tmp_path):
+    from semla_lab.cli import main
+    from semla_lab.data.world.generate import mini_dir
+    spec = (mini_dir() / "cityscapes.yaml").read_text().replace("name: cityscapes", "name: unseen_city")
+    assert "unseen_city" in spec
+    (tmp_path / "unseen.yaml").write_text(spec)
+    assert main(["evaluate", "--targets", "nyu", str(tmp_path / "unseen.yaml"), "--methods", "zero_shot", "semla",
+                 "--max-images", "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "not library domains, so nothing was left out (retrieval saw the whole library): unseen_city" in out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["leave_one_out"] == {"nyu": True, "unseen_city": False}

@@ -267,9 +267,8 @@ def semla_with(predictor, image, class_names: Sequence[str], k: int, tau: float,
     """SemLA on one image with K adapters and temperature tau (the predictor's other settings kept, and
     restored after): {"chosen": [(domain, distance, weight)], "mask": (H, W), "n_eff": effective number of
     adapters, "miou": mIoU against `label` (None without)}."""
-    from ..core.retrieval import RetrievalConfig
     saved = predictor.config
-    predictor.config = RetrievalConfig(k=k, tau=tau, metric=saved.metric, weighting=saved.weighting)
+    predictor.config = dataclasses.replace(saved, k=k, tau=tau)
     try:
         predictor.set_image(image, exclude=exclude)
         chosen, mask = predictor.explain(), predictor.predict(list(class_names))

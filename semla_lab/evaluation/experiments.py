@@ -201,13 +201,15 @@ def format_table(results: dict) -> str:
 
 @dataclass
 class TargetResult:
-    """One target's benchmark outcome: mIoU per method, selection records, image count and per-image
-    confusions (for the bootstrap). Small enough to come back from a Ray task."""
+    """One target's benchmark outcome: mIoU per method, selection records, image count, per-image
+    confusions (for the bootstrap) and whether its own adapter was left out (False: the target is no
+    library domain, so retrieval saw the whole library). Small enough to come back from a Ray task."""
     name: str
     scores: dict[str, float]
     records: list[dict]
     count: int
     confusions: dict[str, torch.Tensor]
+    left_out: bool
 
 
 def benchmark_target(model: LibraryModel, clip: Clip, source: str, methods=METHODS,
@@ -216,14 +218,16 @@ def benchmark_target(model: LibraryModel, clip: Clip, source: str, methods=METHO
     target = load_target(source, cfg.max_images, cfg.image_size)
     confusions = {}
     scores, records = evaluate_target(model, clip, target, methods, cfg, confusions)
-    return TargetResult(target.name, scores, records, len(target.images), confusions)
+    return TargetResult(target.name, scores, records, len(target.images), confusions, target.name in model.names)
 
 
 def benchmark_payload(outcomes: list[TargetResult], library, targets: list[str], methods=METHODS,
                       cfg: EvalConfig = EvalConfig()) -> dict:
-    """results.json: per-method results, gap closed, bootstrap intervals and the run's configuration."""
+    """results.json: per-method results, gap closed, bootstrap intervals, whether each target's own adapter
+    was left out (it is when the library holds the target's domain) and the run's configuration."""
     results = summarize({o.name: o.scores for o in outcomes}, {o.name: o.count for o in outcomes})
     return {"results": results, "gap_closed": gap_closed(results),
+            "leave_one_out": {o.name: o.left_out for o in outcomes},
             "bootstrap": bootstrap_intervals({o.name: o.confusions for o in outcomes}),
             "config": {**asdict(cfg), "methods": list(methods), "targets": targets,
                        "library": {"root": Path(library.root).name, "domains": library.names(),

@@ -28,7 +28,8 @@ from ..core.metrics import harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel
 from ..data.sources import load_target
 
-KNOBS = ("k", "tau", "metric", "weighting", "fusion")      # what a selection can differ in
+KNOBS = ("k", "tau", "metric", "weighting", "fusion", "index", "fallback", "fallback_strength",
+         "text_weight")                                    # what a selection can differ in
 
 
 def scene_kind(scene: dict[str, float]) -> str:
@@ -75,13 +76,15 @@ def knobs(cfg: EvalConfig) -> dict:
 
 
 def _scores(engine, clip, targets, cfg: EvalConfig, confusions: dict | None = None) -> dict[str, float]:
-    """SemLA mIoU per target (leave-one-out); fills `confusions[target]` with per-image confusions."""
+    """SemLA mIoU per target (leave-one-out), with the config's options beyond the paper when any is on;
+    fills `confusions[target]` with per-image confusions."""
+    method = cfg.extra_method or "semla"
     out = {}
     for t in targets:
         store = {} if confusions is not None else None
-        out[t.name] = evaluate_target(engine, clip, t, ("semla",), cfg, store)[0]["semla"]
+        out[t.name] = evaluate_target(engine, clip, t, (method,), cfg, store)[0][method]
         if confusions is not None:
-            confusions[t.name] = store["semla"]
+            confusions[t.name] = store[method]
     return out
 
 
@@ -139,8 +142,11 @@ def selection_table(result: dict):
 def format_tuning(result: dict) -> str:
     """The split, the pick and its report-set scores next to the default's, as printable lines."""
     p, d, rep = result["pick"], result["default"], result["report"]
-    show = lambda c: f"K={c['k']}, tau={c['tau']:g}" + ("" if c["metric"] == "euclidean" else f", {c['metric']}") + \
-        ("" if c["weighting"] == "softmax" else f", {c['weighting']} weights") + ("" if c["fusion"] == "cat" else f", {c['fusion']}")
+    def show(c):
+        beyond = EvalConfig(**c).extra_method
+        return f"K={c['k']}, tau={c['tau']:g}" + ("" if c["metric"] == "euclidean" else f", {c['metric']}") + \
+            ("" if c["weighting"] == "softmax" else f", {c['weighting']} weights") + \
+            ("" if c["fusion"] == "cat" else f", {c['fusion']}") + (f", {beyond}" if beyond else "")
     report_images = result["protocol"]["report_images"] or "all"
     lines = [f"selection domains ({result['protocol']['selection_images']} val images each): "
              + ", ".join(result["split"]["selection"]),
