@@ -10,7 +10,8 @@ from semla_lab.library import fingerprints
 from semla_lab.evaluation import methods
 from semla_lab.workflows import pipeline
 from semla_lab.models.clip import try_load_clip
-from semla_lab.evaluation.experiments import EvalConfig, evaluate_target
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.scoring import evaluate_target
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.models.lora import lora_target_table
 from semla_lab.library.predictor import LibraryModel

@@ -115,7 +115,7 @@ def test_a_driver_killed_mid_build_leaves_a_library_that_a_rerun_completes(ray_s
 
 
 def test_ray_leave_one_out_equals_serial(ray_session, serial_build):
-    from semla_lab.evaluation.experiments import EvalConfig
+    from semla_lab.evaluation.config import EvalConfig
     models = pipeline.Models(library=str(serial_build))
     cfg = EvalConfig(k=2, max_images=4)
     serial = pipeline.evaluate(DOMAINS[:3], models, cfg=cfg, progress=False)

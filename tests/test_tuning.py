@@ -9,7 +9,8 @@ from semla_lab.library.assets import load_segmenter
 from semla_lab.cli import main
 from semla_lab.models.clip import load_clip
 from semla_lab.core.errors import UsageError
-from semla_lab.evaluation.experiments import EvalConfig, ablation_grid
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.ablation import ablation_grid
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.core.runtime import assets_dir
 from semla_lab.evaluation.tuning import canonical, held_out_tuning, split_domains

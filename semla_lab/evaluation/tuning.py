@@ -12,7 +12,7 @@ score of the pick is then optimistic. The protocol here keeps the two apart:
   3. The pick and the paper's defaults are scored on the report domains only, on their **test** split,
      per domain and in h-mean, with a paired bootstrap interval of pick - default over test images.
 
-Scoring reuses `experiments.evaluate_target`, the benchmark's own leave-one-out code.
+Scoring reuses `scoring.evaluate_target`, the benchmark's own leave-one-out code.
 Notebook 06 applies it; `semla-lab tune` runs it.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, replace
 from tqdm.auto import tqdm
 
 from ..core.errors import UsageError
-from .experiments import EvalConfig, evaluate_target
+from .config import EvalConfig
+from .scoring import evaluate_target
 from ..core.metrics import harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel
 from ..data.sources import load_target
@@ -92,7 +93,7 @@ def held_out_tuning(segmenter, clip, library, domains: list[str], configs: list[
                     default: EvalConfig = EvalConfig(), selection_images: int = 50, report_images: int | None = None,
                     fraction: float = 0.5, seed: int = 0, resamples: int = 1000, image_size: int | None = None,
                     device=None, progress: bool = True) -> dict:
-    """The held-out protocol (module docstring) over `configs` (e.g. `experiments.ablation_grid(k=..., tau=...)`),
+    """The held-out protocol (module docstring) over `configs` (e.g. `ablation.ablation_grid(k=..., tau=...)`),
     with `selection_images` val images per selection domain and `report_images` test images per report
     domain (None: the whole test split), rendered at `image_size` when given.
 

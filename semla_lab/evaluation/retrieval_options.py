@@ -1,5 +1,5 @@
-"""Beyond the paper, measured (notebook 10): prototypes, the coverage fallback and text-aware retrieval, each
-on its own and combined, against zero-shot, the uniform merge and SemLA.
+"""Retrieval options beyond the paper, measured (notebook 10): prototypes, the coverage fallback and
+text-aware retrieval, each on its own and combined, against zero-shot, the uniform merge and SemLA.
 
 Knobs are chosen on properties measured on the val split, never on the test table:
   own-domain accuracy   share of images whose nearest library domain is their own (nothing excluded)
@@ -21,7 +21,9 @@ from tqdm.auto import tqdm
 
 from ..models.clip import embed_class_names, index_embeddings
 from ..core.io import atomic_write_json
-from .experiments import EvalConfig, evaluate_target, summarize
+from .config import EvalConfig
+from .outputs import summarize
+from .scoring import evaluate_target
 from ..library.predictor import LibraryModel
 from ..core.retrieval import DomainIndex, RetrievalConfig
 from ..data.sources import load_target
