@@ -18,6 +18,7 @@ def _clusters(n=10, d=8, seed=0):
     pts = torch.cat([c + 0.1 * torch.randn(n, d, generator=g) for c in centers])
     return pts, ["a"] * n + ["b"] * n + ["c"] * n, centers
 
+
 def test_group_means_and_perfect_nearest_centroid():
     pts, labels, centers = _clusters()
     names, cents = group_means(pts, labels)
@@ -28,6 +29,7 @@ def test_group_means_and_perfect_nearest_centroid():
     assert acc == 1.0
     assert np.allclose(conf.values, np.eye(3))
     assert top_confusions(conf).empty
+
 
 def test_confusion_counts_a_misplaced_query():
     pts, labels, centers = _clusters()
@@ -40,6 +42,7 @@ def test_confusion_counts_a_misplaced_query():
     assert top.iloc[0].tolist() == ["a", "c", pytest.approx(1 / 11)]
     with pytest.raises(ValueError):
         group_means(pts, labels[:-1])
+
 
 def test_distance_matrix_and_compare_centroids():
     _, _, centers = _clusters()
@@ -55,6 +58,7 @@ def test_distance_matrix_and_compare_centroids():
     assert (cmp["to nearest other"] > cmp["to own"]).all()
     assert cmp.loc["a", "nearest other"] == "b"
 
+
 def test_pca_projects_a_line_and_extra_points_consistently():
     g = torch.Generator().manual_seed(0)
     direction = torch.nn.functional.normalize(torch.randn(6, generator=g), dim=0)
@@ -67,6 +71,7 @@ def test_pca_projects_a_line_and_extra_points_consistently():
     p2, none, _ = pca_project(pts * 1.0)
     assert none is None and np.allclose(p, p2)               # deterministic signs
     assert abs(np.corrcoef(p[:, 0], t[:, 0].numpy())[0, 1]) > 0.999
+
 
 def test_umap_fits_points_and_extra_jointly(monkeypatch):
     """The plumbing around umap-learn (a stand-in module: the real first call compiles numba code

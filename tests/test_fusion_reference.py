@@ -16,6 +16,7 @@ def _factors(k=3, r=2, d_in=5, d_out=4, seed=0):
     return ([torch.randn(r, d_in, generator=g) for _ in range(k)],
             [torch.randn(d_out, r, generator=g) for _ in range(k)])
 
+
 def test_fuse_by_hand_and_linear_cross_terms():
     As, Bs = _factors()
     w, s = [0.5, 0.3, 0.2], 2.0
@@ -34,6 +35,7 @@ def test_fuse_by_hand_and_linear_cross_terms():
     with pytest.raises(ValueError):
         fuse_by_hand(As, Bs, w, s, "svd")
 
+
 @pytest.fixture(scope="module")
 def lora_setup(tiny_segmenter):
     torch.manual_seed(0)
@@ -50,6 +52,7 @@ def lora_setup(tiny_segmenter):
     states = {n: get_peft_model_state_dict(peft_model, adapter_name=n) for n in names}
     fused = FusedAdapters(copy.deepcopy(tiny_segmenter), {n: (states[n], 2.0) for n in names})
     return peft_model, fused, states, names
+
 
 @pytest.mark.parametrize("fusion", ["cat", "linear"])
 def test_hand_package_and_peft_deltas_agree(lora_setup, fusion):

@@ -30,6 +30,7 @@ def test_one_at_a_time_slices_an_ablation_table():
     with pytest.raises(ValueError):
         one_at_a_time(table, "batch_size")
 
+
 def test_one_at_a_time_with_two_knobs():
     rows = [{"k": k, "tau": 0.05, "metric": "euclidean", "weighting": wt, "fusion": "cat", "method": "semla",
              "hmean": k} for k in (3, 1) for wt in ("softmax", "uniform")]
@@ -46,6 +47,7 @@ def test_masks_miou_scores_each_mask():
     assert list(scores.index) == ["perfect", "swapped", "half"]
     assert scores["perfect"] == pytest.approx(100.0) and scores["swapped"] == pytest.approx(0.0)
     assert scores["half"] == pytest.approx(50 * 4 / 7)            # class 0: 4/7, class 1: 0/3
+
 
 def test_method_masks_zero_shot_semla_and_oracle(tiny_segmenter, tiny_clip_random, tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=LORA_TARGETS, init_lora_weights=False)

@@ -21,6 +21,7 @@ def test_weights_vs_tau_goes_from_hard_to_uniform():
     assert (np.diff(n_eff) > 0).all()
     assert list(weights_vs_tau(d[:2], [0.1]).columns) == ["rank 1", "rank 2"]
 
+
 def test_semla_with_keeps_the_predictors_other_retrieval_options():
     """Only K and tau change for the call: index, fallback and text weight stay; the config is restored."""
     class Recorder:

@@ -17,6 +17,7 @@ def lora_modules(state: dict[str, torch.Tensor]) -> list[str]:
     """Module paths (e.g. 'visual.transformer.resblocks.0.attn.in_proj') of a peft LoRA state dict."""
     return sorted({_module_path(k)[0] for k in state})
 
+
 def lora_factors(state: dict[str, torch.Tensor], module: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(A (r, in), B (out, r)) of one module from a peft LoRA state dict."""
     found = {}
@@ -28,6 +29,7 @@ def lora_factors(state: dict[str, torch.Tensor], module: str) -> tuple[torch.Ten
         raise UnknownNameError(f"no LoRA factors for module {module!r}; modules: {lora_modules(state)[:4]} ...")
     return found["A"], found["B"]
 
+
 def _stack(As, Bs, weights, scalings):
     A, B = torch.stack([a.double() for a in As]), torch.stack([b.double() for b in Bs])   # (K, r, in), (K, out, r)
     w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
@@ -35,6 +37,7 @@ def _stack(As, Bs, weights, scalings):
     if not len(w) == len(A) == len(B):
         raise UsageError(f"got {len(A)} A's, {len(B)} B's and {len(w)} weights")
     return A, B, w * s
+
 
 def fuse_by_hand(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights, scalings,
                  fusion: str = "cat") -> torch.Tensor:
@@ -49,6 +52,7 @@ def fuse_by_hand(As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor], weights
         return torch.einsum("k,kor->or", root, B) @ torch.einsum("k,kri->ri", root * c.sign(), A)
     raise UsageError(f"unknown fusion {fusion!r}; expected 'cat' or 'linear'")
 
+
 def linear_cross_terms(As, Bs, weights, scalings) -> dict[str, torch.Tensor]:
     """Split peft's linear delta into its 'diagonal' part sum_i w_i s_i B_i A_i (= cat) and the cross
     terms sum_{i != j} sqrt(w_i s_i w_j s_j) B_i A_j that cat does not have: {'diagonal', 'cross',
@@ -62,6 +66,7 @@ def linear_cross_terms(As, Bs, weights, scalings) -> dict[str, torch.Tensor]:
     cross = torch.einsum("ab,aboi->oi", coef * ~eye, pair)
     return {"diagonal": diagonal, "cross": cross, "linear": diagonal + cross}
 
+
 def fused_layer_delta(fused, module: str, indices: Sequence[int], weights: Sequence[float],
                       fusion: str = "cat") -> torch.Tensor:
     """The weight delta (out, in) that the package's FusedAdapters applies on one layer for one image
@@ -74,6 +79,7 @@ def fused_layer_delta(fused, module: str, indices: Sequence[int], weights: Seque
     with fused.select(idx, w, fusion), torch.no_grad():
         delta = layer(eye) - layer.base(eye)                                  # (1, in, out)
     return delta[0].T.cpu()
+
 
 def peft_layer_delta(peft_model, adapters: Sequence[str], weights: Sequence[float], module: str,
                      combination_type: str = "cat") -> torch.Tensor:

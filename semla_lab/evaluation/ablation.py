@@ -37,6 +37,7 @@ def ablation_grid(**axes) -> list[EvalConfig]:
     keys = list(axes)
     return [EvalConfig(**dict(zip(keys, values))) for values in itertools.product(*(axes[k] for k in keys))]
 
+
 def ablate_target(model: LibraryModel, clip: Clip, source: str, configs: list[EvalConfig],
                   methods=("semla",)) -> list[dict[str, float]]:
     """mIoU per method on one target for each config (the target loaded once per image count and size);
@@ -48,6 +49,7 @@ def ablate_target(model: LibraryModel, clip: Clip, source: str, configs: list[Ev
             loaded[key] = load_target(source, cfg.max_images, cfg.image_size)
         out.append(evaluate_target(model, clip, loaded[key], config_methods(methods, cfg, replace_semla=True), cfg)[0])
     return out
+
 
 def ablation_tables(per_target: dict[str, list[dict[str, float]]], configs: list[EvalConfig],
                     methods=("semla",)) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -65,11 +67,13 @@ def ablation_tables(per_target: dict[str, list[dict[str, float]]], configs: list
                      for d in per_domain if m in per_domain[d]]
     return pd.DataFrame(rows), pd.DataFrame(tidy)
 
+
 def write_ablation(out_dir: str | Path, table: pd.DataFrame, tidy: pd.DataFrame) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "ablation.csv", table.to_csv(index=False).encode())
     atomic_write_bytes(out / "ablation_tidy.csv", tidy.to_csv(index=False).encode())
+
 
 def ablation(targets: Sequence[str], job: Callable[..., list[dict[str, float]]], configs: Sequence[EvalConfig],
              methods=("semla",), out_dir: str | Path | None = None, engine: Engine | None = None, gpus: float = 0.0,

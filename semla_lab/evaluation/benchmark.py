@@ -37,6 +37,7 @@ class TargetResult:
     confusions: dict[str, torch.Tensor]
     left_out: bool
 
+
 def benchmark_target(model: LibraryModel, clip: Clip, source: str, methods=METHODS,
                      cfg: EvalConfig = EvalConfig()) -> TargetResult:
     """Load one target (a data source name, see sources.py) and evaluate it leave-one-out."""
@@ -44,6 +45,7 @@ def benchmark_target(model: LibraryModel, clip: Clip, source: str, methods=METHO
     confusions = {}
     scores, records = evaluate_target(model, clip, target, methods, cfg, confusions)
     return TargetResult(target.name, scores, records, len(target.images), confusions, target.name in model.names)
+
 
 def benchmark_payload(outcomes: list[TargetResult], library, targets: list[str], methods=METHODS,
                       cfg: EvalConfig = EvalConfig()) -> dict:
@@ -57,12 +59,14 @@ def benchmark_payload(outcomes: list[TargetResult], library, targets: list[str],
                        "library": {"root": Path(library.root).name, "domains": library.names(),
                                    "embedder": library.embedder, "base_model": library.base_model}}}
 
+
 def write_benchmark(out_dir: str | Path, payload: dict, records: list[dict]) -> None:
     """results.json and selections.jsonl (one record per test image) into `out_dir`, each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "results.json", payload)
     atomic_write_bytes(out / "selections.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+
 
 def benchmark(targets: Sequence[str], job: Callable[..., TargetResult], library, methods=METHODS,
               cfg: EvalConfig = EvalConfig(), out_dir: str | Path | None = None, engine: Engine | None = None,

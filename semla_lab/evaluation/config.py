@@ -44,6 +44,7 @@ class EvalConfig(RetrievalConfig):
         """The method name of SemLA with this config's options beyond the paper, None if none is on."""
         return None if self.is_paper else self.label
 
+
 def config_methods(methods, cfg: EvalConfig, replace_semla: bool = False) -> list[str]:
     """`methods` checked against the registry and `cfg`, with SemLA under the config's options beyond the
     paper added next to `semla` (or in its place with `replace_semla`, as ablations do) when any is on."""

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..models.clip import index_embeddings
 from ..core.retrieval import Retrieval, distances
 
+
 REFERENCE_COUNT = 64        # held-out test images per library domain for the in-domain distances
 UMAP_MIN_POINTS = 100       # fewer points on the map: PCA (UMAP's neighbourhoods need a crowd)
 

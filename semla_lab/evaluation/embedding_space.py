@@ -41,6 +41,7 @@ def group_means(embeddings: torch.Tensor, labels: Sequence[str]) -> tuple[list[s
     lab = np.asarray(labels)
     return names, torch.stack([embeddings[torch.from_numpy(lab == n)].mean(0) for n in names])
 
+
 def domain_centroids(clip, domains: Sequence[str], split: str = "train", count: int | None = None,
                      normalize: bool = True) -> torch.Tensor:
     """(L, D) centroid of each domain: the mean embedding of its first `count` `split` images (None: all),
@@ -63,6 +64,7 @@ def pca_project(points: torch.Tensor, extra: torch.Tensor | None = None, k: int 
     proj = lambda t: ((t.double() - mean) @ comps.T).numpy()
     return proj(x), None if extra is None else proj(extra), ratio
 
+
 def umap_project(points: torch.Tensor, extra: torch.Tensor | None = None, n_neighbors: int = 15,
                  min_dist: float = 0.1, random_state: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
     """2-D UMAP of points (N, D) and `extra` (M, D) (e.g. centroids), fitted jointly on both.
@@ -80,12 +82,14 @@ def umap_project(points: torch.Tensor, extra: torch.Tensor | None = None, n_neig
         out = reducer.fit_transform(x.double().numpy())
     return out[:len(points)], None if extra is None else out[len(points):]
 
+
 def distance_matrix(a: torch.Tensor, names_a: Sequence[str], b: torch.Tensor | None = None,
                     names_b: Sequence[str] | None = None, metric: str = "euclidean") -> pd.DataFrame:
     """Distances between rows of a (L, D) and b (M, D) (default: a itself) as a labelled DataFrame."""
     b, names_b = (a, names_a) if b is None else (b, names_b)
     d = distances(a, b, metric).numpy()
     return pd.DataFrame(d, index=list(names_a), columns=list(names_b))
+
 
 def nearest_centroid_confusion(queries: torch.Tensor, query_labels: Sequence[str], centroids: torch.Tensor,
                                names: Sequence[str], metric: str = "euclidean") -> tuple[float, pd.DataFrame]:
@@ -101,6 +105,7 @@ def nearest_centroid_confusion(queries: torch.Tensor, query_labels: Sequence[str
     hits = torch.tensor([names[p] == lab for lab, p in zip(query_labels, pred)], dtype=torch.float32)
     return float(hits.mean()), conf.div(conf.sum(axis=1), axis=0)
 
+
 def nearest_centroid_accuracy(clip, domains: Sequence[str], train: int = 100, test: int = 50) -> float:
     """Share of `test` held-out images per domain whose nearest centroid (each from `train` training images)
     is their own domain's: what retrieval depends on."""
@@ -115,6 +120,7 @@ def top_confusions(confusion: pd.DataFrame, n: int = 5) -> pd.DataFrame:
             if t != p and confusion.loc[t, p] > 0]
     rows.sort(key=lambda r: (-r[2], r[0], r[1]))
     return pd.DataFrame(rows[:n], columns=["true", "predicted", "fraction"])
+
 
 def compare_centroids(ours: torch.Tensor, reference: torch.Tensor, names: Sequence[str],
                       metric: str = "euclidean") -> pd.DataFrame:

@@ -177,6 +177,7 @@ def method_masks(predictor, class_names: Sequence[str], oracle: str | None = Non
             masks[LABELS[m]] = logits[0].argmax(0).cpu()
     return masks
 
+
 def masks_miou(masks: dict[str, torch.Tensor], label: torch.Tensor, num_classes: int) -> pd.Series:
     """mIoU (0-100) of each (H, W) mask against one label map (255 = ignore)."""
     out = {}

@@ -31,6 +31,7 @@ def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -
                   "hmean": round(harmonic_mean(values), 2), "num_images": {d: counts[d] for d in scores}}
     return out
 
+
 def gap_closed(results: dict) -> dict[str, float]:
     """Fraction of the oracle - zero-shot h-mean gap that each method closes."""
     if "oracle" not in results or "zero_shot" not in results:
@@ -40,7 +41,9 @@ def gap_closed(results: dict) -> dict[str, float]:
         return {}
     return {m: round((r["hmean"] - zs) / (orc - zs), 3) for m, r in results.items()}
 
+
 BOOTSTRAP_PAIRS = (("semla", "uniform"), ("semla", "zero_shot"))
+
 
 def bootstrap_intervals(confusions: dict[str, dict[str, torch.Tensor]], resamples: int = 1000) -> dict:
     """95% paired bootstrap intervals over test images of SemLA - uniform and SemLA - zero-shot (those
@@ -52,6 +55,7 @@ def bootstrap_intervals(confusions: dict[str, dict[str, torch.Tensor]], resample
             out[f"{a} - {b}"] = paired_bootstrap({d: confusions[d][a] for d in domains},
                                                  {d: confusions[d][b] for d in domains}, resamples)
     return out
+
 
 def format_intervals(bootstrap: dict) -> str:
     """Domains as rows, one column per compared pair: 'delta [low, high]'."""
@@ -65,10 +69,12 @@ def format_intervals(bootstrap: dict) -> str:
     return (f"{100 * first['level']:.0f}% paired bootstrap intervals over test images ({first['resamples']} "
             f"resamples):\n" + table.to_string())
 
+
 def results_table(results: dict) -> pd.DataFrame:
     """Methods as rows, domains as columns, mean and h-mean last (the paper's Table 1 layout)."""
     rows = {m: {**r["per_domain"], "mean": r["mean"], "h-mean": r["hmean"]} for m, r in results.items()}
     return pd.DataFrame.from_dict(rows, orient="index")
+
 
 def format_table(results: dict) -> str:
     """Domains as rows and methods as columns, then mean, h-mean and the share of the oracle - zero-shot
@@ -79,6 +85,7 @@ def format_table(results: dict) -> str:
         table.loc["gap closed"] = pd.Series(gaps)
     with pd.option_context("display.width", 120, "display.max_columns", 20, "display.float_format", "{:.1f}".format):
         return table.to_string()
+
 
 def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
     """Mean and spread over runs (e.g. adapter training seeds) of each method's h-mean and mean mIoU,
@@ -96,6 +103,7 @@ def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
                      "h-mean min": round(h.min().item(), 1), "h-mean max": round(h.max().item(), 1),
                      "mean": round(mean.mean().item(), 1)})
     return pd.DataFrame(rows).set_index("method")
+
 
 def semla_wins(results: dict, over: str = "uniform") -> tuple[int, int]:
     """(domains where SemLA beats `over`, domains compared)."""

@@ -28,6 +28,7 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
         meter.update(model(x, text).argmax(1).cpu(), data.labels[start:start + batch_size].long())
     return meter.compute()["miou"]
 
+
 def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=METHODS,
                     cfg: EvalConfig = EvalConfig(), image_confusions: dict | None = None, leave_one_out: bool = True,
                     embedder: tuple[Clip, torch.Tensor] | None = None) -> tuple[dict[str, float], list[dict]]:

@@ -23,10 +23,12 @@ def weights_vs_tau(d_topk: torch.Tensor, taus: Sequence[float], names: Sequence[
     rows = [softmax_weights(d, float(t))[0].numpy() for t in taus]
     return pd.DataFrame(rows, index=pd.Index(list(taus), name="tau"), columns=cols)
 
+
 def effective_number(weights: torch.Tensor | np.ndarray | pd.DataFrame) -> np.ndarray:
     """1 / sum(w^2) along the last axis: 1 for hard selection, K for uniform weights over K."""
     w = np.asarray(weights, dtype=np.float64)
     return 1.0 / (w ** 2).sum(-1)
+
 
 def semla_with(predictor, image, class_names: Sequence[str], k: int, tau: float, exclude: Sequence[str] = (),
                label: torch.Tensor | None = None) -> dict:

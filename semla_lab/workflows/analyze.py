@@ -19,6 +19,7 @@ from ..evaluation.domain_shift import (Reference, ShiftAnalysis, coverage_scores
                                        spread_sample)
 from ..models.clip import check_embedder
 
+
 METHODS = ("zero-shot", "SemLA")
 
 
@@ -28,13 +29,16 @@ def _retrieved(chosen: list[tuple[str, float, float]]) -> dict:
         row.update({f"domain_{k}": name, f"distance_{k}": dist, f"weight_{k}": weight})
     return row
 
+
 def _masks(predictor, images: list[torch.Tensor], retrieval: Retrieval, classes: list[str]) -> dict[str, list]:
     predictor.set_image_batch(images, retrieval=retrieval)
     return {"zero-shot": predictor.predict_batch(classes, adapt=False), "SemLA": predictor.predict_batch(classes)}
 
+
 def _take(retrieval: Retrieval, rows: Sequence[int]) -> Retrieval:
     rows = torch.as_tensor(list(rows), dtype=torch.long)
     return Retrieval(retrieval.indices[rows], retrieval.weights[rows], retrieval.distances[rows], retrieval.names)
+
 
 def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str] | None = None,
                    labels: str | Path | None = None, exclude: Sequence[str] = (), max_images: int | None = None,
@@ -130,6 +134,7 @@ def analyze_images(paths: Sequence[str | Path], predictor, classes: Sequence[str
         masks = _masks(predictor, images, _take(retrieval, picks), classes)
         result.masks = {f: {m: masks[m][j] for m in METHODS} for j, f in enumerate(files_picked)}
     return result
+
 
 def analyze(paths: Sequence[str | Path], classes: Sequence[str] | None = None, labels: str | Path | None = None,
             library: str | Path | None = None, exclude: Sequence[str] = (), max_images: int | None = None,
