@@ -268,7 +268,7 @@ def cmd_clip_variants(args):
     transfer_path = Path(args.transfer) if args.transfer else assets_dir() / "benchmark" / "transfer.json"
     if not transfer_path.is_file():
         raise MissingFileError(f"no transfer diagnostic at {transfer_path} (write one with `semla-lab transfer --out`)")
-    cfg = replace(ClipTrainConfig(), **{k: v for k, v in (("steps", args.steps), ("corpus", args.corpus)) if v})
+    cfg = replace(ClipTrainConfig(), **{k: v for k, v in (("steps", args.clip_steps), ("corpus", args.corpus)) if v})
     clip = load_clip(device=args.device)
     library = AdapterLibrary(assets_dir() / "library")
     with tempfile.TemporaryDirectory() as tmp:
@@ -677,7 +677,7 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--max-images", type=int, help="test images per target (default: all)")
     cv.add_argument("--weights", help="folder that keeps trained variants (reused when their recipe matches)")
     cv.add_argument("--transfer", help="transfer.json with every adapter alone on every target (default: shipped)")
-    cv.add_argument("--steps", type=int, help="CLIP training steps (default: the shipped recipe's)")
+    cv.add_argument("--clip-steps", type=int, help="CLIP training steps (default: the shipped recipe's)")
     cv.add_argument("--corpus", type=int, help="image/caption pairs (default: the shipped recipe's)")
 
     t = command("train-adapter", cmd_train_adapter, "train one LoRA adapter on a domain (peft folder)", training, rank)
@@ -692,14 +692,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     ad = command("add-domain", cmd_add_domain, "train adapters for new domains and add them to a library "
                  "(with its LoRA shape)", growing, training, ray)
-    ad.add_argument("--library", required=True)
+    ad.add_argument("--library", required=True, help="adapter library folder")
     ad.add_argument("--domains", "--domain", dest="domains", required=True, nargs="+",
                     help="shipped domains, spec files, dataset folders or real:<domain>")
 
     pr = command("add-prototypes", cmd_add_prototypes, "fit prototypes, coverage radii and vocabulary embeddings of "
                  "a library's domains from their training data (mini-world domains are regenerated)",
                  _group(_clip_flags))
-    pr.add_argument("--library", required=True)
+    pr.add_argument("--library", required=True, help="adapter library folder")
     pr.add_argument("--index", type=_csv(str), default=["kmeans:4", "gmm:4"], help="kinds, e.g. kmeans:4,gmm:4")
     pr.add_argument("--domains", nargs="*", help="default: every library domain")
     pr.add_argument("--quantile", type=float, default=0.95, help="coverage radius quantile of own-image distances")
