@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/semla-lab evaluate --out runs/demo
 
 test: $(STAMP) wheel-check
+	$(PY) -m ruff check semla_lab tests benchmarks
 	$(PY) -m pytest tests
 	$(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg --nbval-current-env -p no:cacheprovider notebooks
 

@@ -27,7 +27,7 @@ import torch
 
 from semla_lab.workflows import pipeline
 from semla_lab.core.engine import Engine
-from semla_lab.evaluation.experiments import EvalConfig
+from semla_lab.evaluation.config import EvalConfig
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.training.train import AdapterConfig
 

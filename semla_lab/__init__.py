@@ -2,7 +2,7 @@
 
 The data path, one module each: world (mini-world images) -> clip (CLIP embeddings) -> library
 (adapters + centroids) -> retrieval -> fusion -> segmenter -> metrics -> plots; predictor and
-experiments compose them. Names below are imported lazily (peft and open_clip load on first use).
+benchmark compose them. Names below are imported lazily (peft and open_clip load on first use).
 """
 from importlib import import_module
 
@@ -16,8 +16,8 @@ _API = {
     "OVSegmenter": "models.segmenter", "build_segmenter": "models.segmenter", "load_segmenter": "library.assets",
     "AdapterLibrary": "library.index", "retrieve": "core.retrieval", "RetrievalConfig": "core.retrieval",
     "FusedAdapters": "core.fusion", "LibraryModel": "library.predictor", "SemLAPredictor": "library.predictor",
-    "EvalConfig": "evaluation.experiments", "run_benchmark": "evaluation.experiments", "MIoU": "core.metrics", "harmonic_mean": "core.metrics",
-    "configure_threads": "core.runtime", "resolve_device": "core.runtime", "analyze": "evaluation.domain_shift",
+    "EvalConfig": "evaluation.config", "run_benchmark": "evaluation.benchmark", "MIoU": "core.metrics", "harmonic_mean": "core.metrics",
+    "configure_threads": "core.runtime", "resolve_device": "core.runtime", "analyze": "workflows.analyze",
 }
 __all__ = sorted(_API)
 

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from .core.errors import MissingFileError, SemlaError
+from .core.errors import MissingFileError, SemlaError, UsageError
 
 
 def _csv(kind):
@@ -40,7 +40,6 @@ def _domains(args_domains):
 
 
 def cmd_world(args):
-    import torch
     from .data.datasets import write_dataset
     from .data.world.generate import generate, shipped_domains
     specs = _domains(args.domains) if args.domains else list(shipped_domains().values())
@@ -84,11 +83,6 @@ def world_summary(specs, count: int = 64):
     return pd.DataFrame(rows).set_index("domain")
 
 
-RAY_ADDRESS_HELP = ("join a running Ray cluster: auto (the one `ray start` last started on this machine) or the "
-                    "address `ray start --head` printed, with RAY_AUTH_MODE=token; 127.0.0.1:PORT only for a head "
-                    "started with --node-ip-address 127.0.0.1 (default: $RAY_ADDRESS); implies --ray")
-
-
 def _engine(args):
     """Where the command's jobs run: serially, or as Ray tasks with --ray / --ray-address (engine.py), on
     workers that import the pipeline as they start."""
@@ -128,7 +122,7 @@ def cmd_build(args):
 def cmd_zero_shot(args):
     from .library.assets import load_segmenter
     from .models.clip import load_clip
-    from .evaluation.experiments import evaluate_model
+    from .evaluation.scoring import evaluate_model
     from .core.metrics import harmonic_mean
     from .data.world.generate import SOURCE_DOMAIN, generate, shipped_domains
     clip = load_clip(device=args.device)
@@ -165,21 +159,20 @@ def _bundle(args):
     return segmenter, clip, library_model(models).library
 
 
-def _eval_config(args, **over):
-    from .evaluation.experiments import EvalConfig
-    return EvalConfig(**{"k": args.k, "tau": args.tau, "metric": args.metric, "weighting": args.weighting,
-                         "fusion": args.fusion, "batch_size": args.batch_size, "max_images": args.max_images,
-                         "image_size": args.image_size, **_beyond_options(args), **over})
+def _config_fields(args, config_class) -> dict:
+    """The values of a config dataclass's fields that the command's flags hold (built by `_field_flags`)."""
+    from dataclasses import fields
+    return {f.name: getattr(args, f.name) for f in fields(config_class)}
 
 
-def _beyond_options(args) -> dict:
-    """The retrieval options beyond the paper (notebook 10) as EvalConfig fields."""
-    return {"index": args.index, "fallback": args.fallback, "fallback_strength": args.fallback_strength,
-            "text_weight": args.text_weight}
+def _eval_config(args):
+    from .evaluation.config import EvalConfig
+    return EvalConfig(**_config_fields(args, EvalConfig))
 
 
 def cmd_evaluate(args):
-    from .evaluation.experiments import config_methods, format_intervals, format_table
+    from .evaluation.config import config_methods
+    from .evaluation.outputs import format_intervals, format_table
     from .evaluation.methods import METHODS
     from .workflows.pipeline import evaluate, library_model, load_models
     from .data.world.generate import target_domains
@@ -191,6 +184,9 @@ def cmd_evaluate(args):
         payload = evaluate(args.targets or target_domains(), models, methods, cfg, args.out, engine,
                            progress=not args.quiet)
     print(format_table(payload["results"]))
+    whole = [t for t, left_out in payload["leave_one_out"].items() if not left_out]
+    if whole:
+        print(f"\nnot library domains, so nothing was left out (retrieval saw the whole library): {', '.join(whole)}")
     if payload["bootstrap"]:
         print("\n" + format_intervals(payload["bootstrap"]))
     gap = payload["gap_closed"].get("semla")
@@ -201,12 +197,11 @@ def cmd_evaluate(args):
 
 
 def cmd_ablate(args):
-    from .evaluation.experiments import ablation_grid
+    from .evaluation.ablation import ablation_grid
+    from .evaluation.config import EvalConfig
     from .workflows.pipeline import ablate, library_model, load_models
     from .data.world.generate import target_domains
-    grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
-                         max_images=[args.max_images], batch_size=[args.batch_size], image_size=[args.image_size],
-                         **_beyond_options(args))
+    grid = ablation_grid(**_config_fields(args, EvalConfig))
     models = _models(args, _library(args))
     load_models(models), library_model(models)
     with _engine(args) as engine:
@@ -217,11 +212,11 @@ def cmd_ablate(args):
 
 def cmd_tune(args):
     from .core.io import atomic_write_json
-    from .evaluation.experiments import ablation_grid
+    from .evaluation.ablation import ablation_grid
+    from .evaluation.config import EvalConfig
     from .evaluation.tuning import format_tuning, held_out_tuning, selection_table
     from .data.world.generate import target_domains
-    grid = ablation_grid(k=args.k, tau=args.tau, metric=args.metric, weighting=args.weighting, fusion=args.fusion,
-                         batch_size=[args.batch_size])
+    grid = ablation_grid(**_config_fields(args, EvalConfig))
     seg, clip, library = _bundle(args)
     result = held_out_tuning(seg, clip, library, args.targets or target_domains(), grid,
                              selection_images=args.selection_images, report_images=args.max_images,
@@ -247,7 +242,7 @@ def cmd_transfer(args):
 
 
 def cmd_summarize(args):
-    from .evaluation.experiments import aggregate_runs, semla_wins
+    from .evaluation.outputs import aggregate_runs, semla_wins
     payloads = []
     for run_dir in args.runs:
         path = Path(run_dir) / "results.json"
@@ -273,7 +268,7 @@ def cmd_clip_variants(args):
     transfer_path = Path(args.transfer) if args.transfer else assets_dir() / "benchmark" / "transfer.json"
     if not transfer_path.is_file():
         raise MissingFileError(f"no transfer diagnostic at {transfer_path} (write one with `semla-lab transfer --out`)")
-    cfg = replace(ClipTrainConfig(), **{k: v for k, v in (("steps", args.steps), ("corpus", args.corpus)) if v})
+    cfg = replace(ClipTrainConfig(), **{k: v for k, v in (("steps", args.clip_steps), ("corpus", args.corpus)) if v})
     clip = load_clip(device=args.device)
     library = AdapterLibrary(assets_dir() / "library")
     with tempfile.TemporaryDirectory() as tmp:
@@ -347,7 +342,7 @@ def cmd_build_library(args):
 
 def cmd_add_domain(args):
     from .library.index import AdapterLibrary
-    built = _grow(args, args.domain, Path(args.library))
+    built = _grow(args, args.domains, Path(args.library))
     for name in built["skipped"]:
         print(f"{name} is already in {args.library}; left as is")
     print(f"added {', '.join(built['added']) or 'nothing'} to {args.library} ({len(AdapterLibrary(args.library))} domains)")
@@ -359,12 +354,12 @@ def _own_images_predictor(args):
     from .library.predictor import SemLAPredictor
     from .core.retrieval import RetrievalConfig
     seg, clip, library = _bundle(args)
-    return SemLAPredictor(seg, clip, library, RetrievalConfig(k=args.k, tau=args.tau), device=args.device,
-                          batch_size=args.batch_size)
+    return SemLAPredictor(seg, clip, library, RetrievalConfig(**_config_fields(args, RetrievalConfig)),
+                          device=args.device, batch_size=args.batch_size)
 
 
 def cmd_analyze(args):
-    from .evaluation.domain_shift import analyze_images
+    from .workflows.analyze import analyze_images
     from .evaluation.report_html import write_report
     from .data.user_images import find_files
     find_files(args.paths, args.out)          # a missing path or an empty selection: say so before loading models
@@ -402,18 +397,6 @@ def cmd_segment(args):
             print(f"  {name:20s} distance {distance:.3f}  weight {weight:.3f}")
 
 
-def _own_images_options(q):
-    for flag, text in (("--library", "adapter library folder (default: the shipped one)"),
-                       ("--clip", "open_clip model name (default: the library's embedding model)"),
-                       ("--pretrained", "open_clip pretrained tag"), ("--checkpoint", "local CLIP weights"),
-                       ("--segmenter", "base segmenter weights (default: the shipped one)")):
-        q.add_argument(flag, help=text)
-    q.add_argument("--exclude", type=_csv(str), default=[], help="library domains retrieval may not use (a,b)")
-    q.add_argument("--k", type=int, default=5, help="adapters fused per image")
-    q.add_argument("--tau", type=float, default=0.05, help="softmax temperature of the fusion weights")
-    q.add_argument("--batch-size", type=int, default=32, help="images per embedding / segmentation batch")
-
-
 def cmd_add_prototypes(args):
     """Regenerate each domain's training split, embed it with the library's CLIP, and store its profile."""
     from .models.clip import check_embedder, load_clip
@@ -449,19 +432,19 @@ def _variant(text: str) -> dict:
 def cmd_beyond(args):
     """Every variant leave-one-out and on the held-out domains, for each library (adapter seed)."""
     from .library.assets import load_segmenter
-    from .evaluation.beyond import beyond_table, study
+    from .evaluation.retrieval_options import beyond_table, study
     from .models.clip import load_clip
-    from .evaluation.experiments import EvalConfig
+    from .evaluation.config import EvalConfig
     from .library.index import AdapterLibrary
     from .core.manifests import manifests_dir
     from .data.world.generate import target_domains
-    libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
     variants = {}
     for text in args.variant:
         cfg = EvalConfig(**_variant(text))
         if cfg.extra_method is None:
             raise UsageError(f"variant {text!r} turns no option beyond the paper on")
         variants[cfg.extra_method] = cfg
+    libraries = {str(i): AdapterLibrary(path) for i, path in enumerate(args.libraries)}
     heldout = args.heldout if args.heldout is not None else sorted(str(p) for p in
                                                                    (manifests_dir() / "heldout").glob("*.yaml"))
     clip = load_clip(device=args.device)
@@ -476,7 +459,7 @@ def cmd_beyond(args):
 def cmd_scale(args):
     """The library-scaling study (scaling.run_scale) in --out; reruns reuse what is there."""
     from dataclasses import replace
-    from .evaluation.experiments import EvalConfig
+    from .evaluation.config import EvalConfig
     from .evaluation.plots import scaling_curves
     from .workflows.scaling import ScaleConfig, run_scale, scaling_table
     cfg = ScaleConfig(sizes=tuple(args.sizes), pool_size=args.pool_size or max(args.sizes), pool_seed=args.pool_seed,
@@ -496,14 +479,136 @@ def cmd_scale(args):
           f"({t['engine']}); wrote {Path(args.out) / 'scaling.json'} and scaling.png")
 
 
-STRENGTH_HELP = "share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)"
+# ---- the parser: each option group is defined once and shared through argparse's `parents=` --------------
+
+FIELD_HELP = {      # the flags generated from RetrievalConfig and EvalConfig fields; defaults come from the fields
+    "k": "adapters retrieved and fused per image",
+    "tau": "softmax temperature of the fusion weights softmax((1/d)/tau)",
+    "metric": "distance to the centroids: euclidean (paper) or cosine",
+    "weighting": "fusion weights: softmax (paper) or uniform over the top K",
+    "index": "domain index: centroid (paper), kmeans:P or gmm:P (needs `add-prototypes`)",
+    "fallback": "none (paper) or coverage: the base model as a null adapter outside coverage",
+    "fallback_strength": "beta of the coverage fallback: w_k * exp(-beta * max(0, d_k / r_k - 1))",
+    "text_weight": "lambda in [0, 1]: share of the class-name text distance (0 = paper)",
+    "fusion": "weight-level fusion: cat (paper) or linear (peft)",
+    "batch_size": "test images per batch",
+    "max_images": "test images per target (default: all)",
+    "image_size": "resize dataset-folder and real targets to this size",
+}
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def _field_flags(q, fields, grid: bool = False, **grid_defaults) -> None:
+    """One flag per dataclass field (`--fallback-strength` for fallback_strength), typed and defaulted by the
+    field; with `grid`, comma-separated values (ablate, tune), default: `grid_defaults`, else the field's
+    default alone."""
+    for f in fields:
+        kind = TYPES[str(f.type).split(" |")[0]]
+        default = grid_defaults.get(f.name, [f.default]) if grid else f.default
+        shown = "" if f.default is None or f.name == "max_images" else \
+            f" (default: {','.join(map(str, default)) if grid else default})"
+        q.add_argument("--" + f.name.replace("_", "-"), type=_csv(kind) if grid else kind, default=default,
+                       help=FIELD_HELP[f.name] + shown)
+
+
+def _group(*adders) -> argparse.ArgumentParser:
+    """An option group for `parents=`: each adder adds its flags to it."""
+    q = argparse.ArgumentParser(add_help=False)
+    for add in adders:
+        add(q)
+    return q
+
+
+def _clip_flags(q):
+    q.add_argument("--clip", help="open_clip model name (default: the library's embedding model, else the shipped "
+                                  "tiny CLIP)")
+    q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
+    q.add_argument("--checkpoint", help="local CLIP weights (.safetensors, or a weights-only torch file)")
+
+
+def _segmenter_flag(q):
+    q.add_argument("--segmenter", help="base segmenter weights (default: the shipped one)")
+
+
+def _library_flag(q):
+    q.add_argument("--library", help="adapter library folder (default: the shipped one)")
+
+
+def _ray_flags(q):
+    q.add_argument("--ray", action="store_true", help="run every adapter training / target evaluation as a Ray task "
+                                                      "(a cluster of its own on 127.0.0.1 unless --ray-address)")
+    q.add_argument("--ray-address", help="join a running Ray cluster: auto (the one `ray start` last started on this "
+                                         "machine) or the address `ray start --head` printed, with RAY_AUTH_MODE=token; "
+                                         "127.0.0.1:PORT only for a head started with --node-ip-address 127.0.0.1 "
+                                         "(default: $RAY_ADDRESS); implies --ray")
+    q.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
+
+
+def _training_flags(q):
+    q.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
+    q.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the "
+                                                  "shipped recipe's, 0.9)")
+    q.add_argument("--seed", type=int, default=0, help="adapter training seed (default: 0)")
+
+
+def _rank_flag(q):
+    q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
+
+
+def _growing_flags(q):
+    q.add_argument("--image-size", type=int, help="resize dataset-folder and real images to this size")
+    q.add_argument("--max-images", type=int, help="training images per domain (default: all)")
+    q.add_argument("--replay-source", help="what adapters replay (default: source, or real:coco_stuff for real "
+                                           "domains)")
+
+
+def _targets_flag(q):
+    q.add_argument("--targets", nargs="*", help="target domains: shipped domains, spec files, dataset folders or "
+                                                "real:<domain> (default: every shipped target domain)")
+
+
+def _common_flags(q):
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
+    q.add_argument("--threads", type=int, help="torch threads (default: $SEMLA_THREADS or 1)")
+    q.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: $SEMLA_DEVICE, else CUDA if available)")
+
+
+def _own_images_options(q):
+    q.add_argument("--exclude", type=_csv(str), default=[], help="library domains retrieval may not use (a,b)")
+    q.add_argument("--batch-size", type=int, default=32, help="images per embedding / segmentation batch")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dataclasses import fields
+    from .core.retrieval import RetrievalConfig
+    from .evaluation.config import EvalConfig
+    retrieval_fields = fields(RetrievalConfig)
+    fusion = [f for f in fields(EvalConfig) if f.name == "fusion"]
+    run_fields = [f for f in fields(EvalConfig) if f.name in ("batch_size", "max_images", "image_size")]
+
+    common = _group(_common_flags)
+    models = _group(_library_flag, _clip_flags, _segmenter_flag)
+    ray = _group(_ray_flags)
+    training = _group(_training_flags)
+    rank = _group(_rank_flag)
+    growing = _group(_clip_flags, _segmenter_flag, _growing_flags)
+    targets = _group(_targets_flag)
+    retrieval = _group(lambda q: _field_flags(q, retrieval_fields))
+    evaluation = _group(lambda q: _field_flags(q, [*retrieval_fields, *fusion, *run_fields]))
+
+    def grid(**defaults):
+        return _group(lambda q: _field_flags(q, [*retrieval_fields, *fusion], grid=True, **defaults),
+                      lambda q: _field_flags(q, run_fields))
+
     p = argparse.ArgumentParser(prog="semla-lab", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    w = sub.add_parser("world", help="write, summarise or preview mini-world domains")
+    def command(name: str, func, help: str, *parents):
+        q = sub.add_parser(name, help=help, parents=[*parents, common])
+        q.set_defaults(func=func)
+        return q
+
+    w = command("world", cmd_world, "write, summarise or preview mini-world domains")
     w.add_argument("domains", nargs="*", help="shipped domain names or spec .yaml files (default: all)")
     w.add_argument("--out", help="write each domain as a dataset folder under this directory")
     w.add_argument("--splits", type=_csv(str), default=["train", "test"])
@@ -513,78 +618,44 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--per-domain", type=int, default=3)
     w.add_argument("--dpi", type=int, default=110)
     w.add_argument("--summary", action="store_true", help="print the domain summary table")
-    w.set_defaults(func=cmd_world)
 
-    b = sub.add_parser("build", help="rebuild the shipped artifacts")
+    b = command("build", cmd_build, "rebuild the shipped artifacts", ray)
     b.add_argument("stage", choices=["clip", "segmenter", "library", "all"])
     b.add_argument("--out", help="artifact folder (default: the package's assets/)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--quick", action="store_true", help="a few steps only (CI smoke test of the recipe)")
-    b.set_defaults(func=cmd_build)
 
-    z = sub.add_parser("zero-shot", help="base segmenter mIoU on every shipped domain")
-    z.add_argument("--max-images", type=int)
-    z.set_defaults(func=cmd_zero_shot)
+    z = command("zero-shot", cmd_zero_shot, "base segmenter mIoU on every shipped domain")
+    z.add_argument("--max-images", type=int, help="test images per domain (default: all)")
 
-    def knobs(q, multi: bool):
-        many = (lambda kind: _csv(kind)) if multi else (lambda kind: kind)
-        q.add_argument("--library", help="adapter library folder (default: the shipped one)")
-        q.add_argument("--clip", help="open_clip model name (default: the library's embedding model)")
-        q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
-        q.add_argument("--checkpoint", help="local CLIP weights (.safetensors, or a weights-only torch file)")
-        q.add_argument("--segmenter", help="base segmenter weights (default: the shipped one)")
-        q.add_argument("--image-size", type=int, help="resize dataset-folder and real targets to this size")
-        q.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
-        q.add_argument("--k", type=many(int), default=[5] if multi else 5)
-        q.add_argument("--tau", type=many(float), default=[0.05] if multi else 0.05)
-        q.add_argument("--metric", type=many(str), default=["euclidean"] if multi else "euclidean")
-        q.add_argument("--weighting", type=many(str), default=["softmax"] if multi else "softmax")
-        q.add_argument("--fusion", type=many(str), default=["cat"] if multi else "cat")
-        q.add_argument("--index", type=many(str), default=["centroid"] if multi else "centroid",
-                       help="domain index: centroid (paper), kmeans:P or gmm:P (needs `add-prototypes`)")
-        q.add_argument("--fallback", type=many(str), default=["none"] if multi else "none",
-                       help="none (paper) or coverage: the base model as a null adapter outside coverage")
-        q.add_argument("--fallback-strength", type=many(float), default=[1.0] if multi else 1.0,
-                       help="beta of the coverage fallback: w_k * exp(-beta * max(0, d_k / r_k - 1))")
-        q.add_argument("--text-weight", type=many(float), default=[0.0] if multi else 0.0,
-                       help="lambda in [0, 1]: share of the class-name text distance (0 = paper)")
-        q.add_argument("--max-images", type=int, help="test images per target (default: all)")
-        q.add_argument("--batch-size", type=int, default=50)
-        q.add_argument("--out", help="output folder")
-
-    e = sub.add_parser("evaluate", help="leave-one-out benchmark (zero-shot, uniform, SemLA, late, oracle)")
-    knobs(e, multi=False)
+    e = command("evaluate", cmd_evaluate, "leave-one-out benchmark (zero-shot, uniform, SemLA, late, oracle)",
+                models, targets, evaluation, ray)
     e.add_argument("--methods", nargs="*", help="subset of the methods (default: all six)")
-    e.set_defaults(func=cmd_evaluate)
+    e.add_argument("--out", help="output folder")
 
-    a = sub.add_parser("ablate", help="grid over retrieval/fusion knobs, comma-separated values")
-    knobs(a, multi=True)
+    a = command("ablate", cmd_ablate, "grid over retrieval/fusion knobs, comma-separated values", models, targets,
+                grid(), ray)
     a.add_argument("--methods", nargs="*", default=["semla"])
-    a.set_defaults(func=cmd_ablate)
+    a.add_argument("--out", help="output folder")
 
-    tu = sub.add_parser("tune", help="choose knobs on held-out selection domains (val split), report on the rest (test)")
-    knobs(tu, multi=True)
-    tu.set_defaults(k=[1, 3, 5, 10], tau=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0], func=cmd_tune)
+    tu = command("tune", cmd_tune, "choose knobs on held-out selection domains (val split), report on the rest "
+                 "(test)", models, targets, grid(k=[1, 3, 5, 10], tau=[0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]))
     tu.add_argument("--selection-images", type=int, default=50, help="val images per selection domain")
     tu.add_argument("--fraction", type=float, default=0.5, help="share of each scene kind used for selection")
     tu.add_argument("--split-seed", type=int, default=0, help="seed of the selection / report split")
+    tu.add_argument("--out", help="output folder")
 
-    tr = sub.add_parser("transfer", help="every adapter alone on every target: harm, uniform merge, retrieval regret")
-    for flag, text in (("--library", "adapter library folder (default: the shipped one)"),
-                       ("--clip", "open_clip model name (default: the library's embedding model)"),
-                       ("--pretrained", "open_clip pretrained tag"), ("--checkpoint", "local CLIP weights"),
-                       ("--segmenter", "base segmenter weights (default: the shipped one)"), ("--out", "output folder")):
-        tr.add_argument(flag, help=text)
-    tr.add_argument("--targets", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain>")
+    tr = command("transfer", cmd_transfer, "every adapter alone on every target: harm, uniform merge, retrieval "
+                 "regret", models, targets)
     tr.add_argument("--split", default="test", choices=["val", "test"], help="mini-world split (val: for tuning)")
     tr.add_argument("--max-images", type=int, help="images per target (default: every test image; 50 val images)")
-    tr.set_defaults(func=cmd_transfer)
+    tr.add_argument("--out", help="output folder")
 
-    sm = sub.add_parser("summarize", help="mean and spread of several evaluate runs (e.g. adapter seeds)")
+    sm = command("summarize", cmd_summarize, "mean and spread of several evaluate runs (e.g. adapter seeds)")
     sm.add_argument("runs", nargs="+", help="output folders of `semla-lab evaluate`")
-    sm.set_defaults(func=cmd_summarize)
 
-    an = sub.add_parser("analyze", help="domain shift of your own images: report.html, images.csv, figures")
+    an = command("analyze", cmd_analyze, "domain shift of your own images: report.html, images.csv, figures",
+                 models, retrieval)
     an.add_argument("paths", nargs="+", help="image files, folders (searched recursively) or globs ('shots/*.jpg')")
     an.add_argument("--out", required=True, help="output folder (report.html, images.csv, figures/)")
     an.add_argument("--classes", type=_csv(str), help="class names, e.g. road,car,sky: also segment a sample")
@@ -592,67 +663,61 @@ def build_parser() -> argparse.ArgumentParser:
     an.add_argument("--max-images", type=int, help="analyse at most this many images")
     an.add_argument("--sample", type=int, default=4, help="images whose masks the report shows (with --classes)")
     _own_images_options(an)
-    an.set_defaults(func=cmd_analyze)
 
-    sg = sub.add_parser("segment", help="one image: mask at its resolution, overlay PNG with a legend")
+    sg = command("segment", cmd_segment, "one image: mask at its resolution, overlay PNG with a legend", models,
+                 retrieval)
     sg.add_argument("image")
     sg.add_argument("--classes", type=_csv(str), required=True, help="class names, e.g. road,car,sky")
     sg.add_argument("--out", required=True, help="overlay PNG to write (the image's size)")
     sg.add_argument("--mask", help="also write the class-id mask as an 8-bit PNG")
     sg.add_argument("--explain", action="store_true", help="print the chosen domains with distances and weights")
     _own_images_options(sg)
-    sg.set_defaults(func=cmd_segment)
 
-    cv = sub.add_parser("clip-variants", help="retrieval with an untrained tiny CLIP and one trained on captions "
-                                              "without condition words, against the shipped one")
+    cv = command("clip-variants", cmd_clip_variants, "retrieval with an untrained tiny CLIP and one trained on "
+                 "captions without condition words, against the shipped one", targets)
     cv.add_argument("--out", help="result JSON file (the shipped one: semla_lab/assets/benchmark/clip_variants.json)")
     cv.add_argument("--variants", nargs="*", default=["shipped", "untrained", "no_conditions"])
-    cv.add_argument("--targets", nargs="*", help="library domains to measure on (default: all)")
     cv.add_argument("--max-images", type=int, help="test images per target (default: all)")
     cv.add_argument("--weights", help="folder that keeps trained variants (reused when their recipe matches)")
     cv.add_argument("--transfer", help="transfer.json with every adapter alone on every target (default: shipped)")
-    cv.add_argument("--steps", type=int, help="CLIP training steps (default: the shipped recipe's)")
+    cv.add_argument("--clip-steps", type=int, help="CLIP training steps (default: the shipped recipe's)")
     cv.add_argument("--corpus", type=int, help="image/caption pairs (default: the shipped recipe's)")
-    cv.set_defaults(func=cmd_clip_variants)
 
-    t = sub.add_parser("train-adapter", help="train one LoRA adapter on a domain (peft folder)")
+    t = command("train-adapter", cmd_train_adapter, "train one LoRA adapter on a domain (peft folder)", training, rank)
     t.add_argument("--domain", required=True, help="shipped domain name or spec .yaml file")
     t.add_argument("--out", required=True)
-    t.set_defaults(func=cmd_train_adapter)
 
-    bl = sub.add_parser("build-library", help="train adapters for domains into a library folder (resumes one)")
+    bl = command("build-library", cmd_build_library, "train adapters for domains into a library folder (resumes "
+                 "one)", growing, training, rank, ray)
     bl.add_argument("--out", required=True)
     bl.add_argument("--domains", nargs="*", help="shipped domains, spec files, dataset folders or real:<domain> "
                                                  "(default: every shipped target domain)")
-    bl.set_defaults(func=cmd_build_library)
 
-    ad = sub.add_parser("add-domain", help="train adapters for new domains and add them to a library")
-    ad.add_argument("--library", required=True)
-    ad.add_argument("--domain", required=True, nargs="+",
-                    help="shipped domain names, spec .yaml files, dataset folders or real:<domain>")
-    ad.set_defaults(func=cmd_add_domain)
-    pr = sub.add_parser("add-prototypes", help="fit prototypes, coverage radii and vocabulary embeddings of a "
-                        "library's domains from their training data (mini-world domains are regenerated)")
-    pr.add_argument("--library", required=True)
+    ad = command("add-domain", cmd_add_domain, "train adapters for new domains and add them to a library "
+                 "(with its LoRA shape)", growing, training, ray)
+    ad.add_argument("--library", required=True, help="adapter library folder")
+    ad.add_argument("--domains", "--domain", dest="domains", required=True, nargs="+",
+                    help="shipped domains, spec files, dataset folders or real:<domain>")
+
+    pr = command("add-prototypes", cmd_add_prototypes, "fit prototypes, coverage radii and vocabulary embeddings of "
+                 "a library's domains from their training data (mini-world domains are regenerated)",
+                 _group(_clip_flags))
+    pr.add_argument("--library", required=True, help="adapter library folder")
     pr.add_argument("--index", type=_csv(str), default=["kmeans:4", "gmm:4"], help="kinds, e.g. kmeans:4,gmm:4")
     pr.add_argument("--domains", nargs="*", help="default: every library domain")
     pr.add_argument("--quantile", type=float, default=0.95, help="coverage radius quantile of own-image distances")
-    pr.add_argument("--clip", help="open_clip model name (default: the library's embedding model)")
-    pr.add_argument("--pretrained", help="open_clip pretrained tag")
-    pr.add_argument("--checkpoint", help="local CLIP weights")
-    pr.set_defaults(func=cmd_add_prototypes)
 
-    bb = sub.add_parser("beyond", help="variants beyond the paper, leave-one-out and held-out, over adapter seeds")
+    bb = command("beyond", cmd_beyond, "variants beyond the paper, leave-one-out and held-out, over adapter seeds",
+                 targets)
     bb.add_argument("--libraries", nargs="+", required=True, help="one library per adapter seed")
     bb.add_argument("--variant", action="append", required=True,
                     help="options of one variant, e.g. index=kmeans:4,fallback=coverage,fallback_strength=2 (repeat)")
-    bb.add_argument("--targets", nargs="*", help="leave-one-out targets (default: every shipped target domain)")
     bb.add_argument("--heldout", nargs="*", help="held-out targets (default: data_manifests/heldout/*.yaml)")
     bb.add_argument("--max-images", type=int, help="test images per target (default: all)")
     bb.add_argument("--out", help="write the JSON here (e.g. semla_lab/assets/benchmark/beyond.json)")
-    bb.set_defaults(func=cmd_beyond)
 
-    sc = sub.add_parser("scale", help="grow libraries from a random domain pool; h-mean against library size")
+    sc = command("scale", cmd_scale, "grow libraries from a random domain pool; h-mean against library size",
+                 training, rank, ray, _group(lambda q: _field_flags(q, [f for f in retrieval_fields if f.name == "k"])))
     sc.add_argument("--out", required=True, help="study folder (created; a rerun reuses its adapters and results)")
     sc.add_argument("--sizes", type=_csv(int), default=[5, 10, 20, 40, 80],
                     help="library sizes (default: 5,10,20,40,80)")
@@ -661,45 +726,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--orders", type=int, default=3, help="random orders, seeds 0..n-1 (default: 3)")
     sc.add_argument("--no-active", action="store_true", help="skip active growth by target coverage")
     sc.add_argument("--no-oracle", action="store_true", help="skip training the targets' own adapters")
-    sc.add_argument("--targets", nargs="*", help="mini-world domains or spec files (default: data_manifests/heldout)")
+    sc.add_argument("--targets", nargs="*", help="target domains: mini-world domains or spec files (default: "
+                                                 "data_manifests/heldout)")
     sc.add_argument("--max-images", type=int, default=100, help="test images per target (default: 100)")
     sc.add_argument("--query-images", type=int, default=50,
                     help="unlabelled training images per target that active growth sees (default: 50)")
-    sc.add_argument("--k", type=int, default=5, help="adapters SemLA retrieves per image (default: 5)")
-    sc.add_argument("--ray", action="store_true", help="run training and evaluation as Ray tasks")
-    sc.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
-    sc.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
-    sc.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
-    sc.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
-    sc.add_argument("--strength", type=float, help=STRENGTH_HELP)
-    sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
-    sc.set_defaults(func=cmd_scale)
-
-    for q in (t, bl, ad):
-        if q is not ad:
-            q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
-            q.add_argument("--strength", type=float, help=STRENGTH_HELP)
-        q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
-        q.add_argument("--seed", type=int, default=0)
-    for q in (bl, ad):
-        q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")
-        q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")
-        q.add_argument("--checkpoint", help="local CLIP weights (.safetensors, or a weights-only torch file)")
-        q.add_argument("--segmenter", help="base segmenter weights (default: the shipped one)")
-        q.add_argument("--image-size", type=int, help="resize dataset-folder and real images to this size")
-        q.add_argument("--max-images", type=int, help="training images per domain (default: all)")
-        q.add_argument("--replay-source", help="what adapters replay (default: source, or real:coco_stuff for "
-                                               "real domains)")
-    for q in (b, e, a, bl, ad):
-        q.add_argument("--ray", action="store_true", help="run every adapter training / target evaluation as a "
-                                                          "Ray task (a cluster of its own on 127.0.0.1 unless --ray-address)")
-        q.add_argument("--ray-address", help=RAY_ADDRESS_HELP)
-        q.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
-
-    for q in sub.choices.values():
-        q.add_argument("--quiet", action="store_true", help="no progress bars")
-        q.add_argument("--threads", type=int, help="torch threads (default: $SEMLA_THREADS or 1)")
-        q.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: $SEMLA_DEVICE, else CUDA if available)")
     return p
 
 

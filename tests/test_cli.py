@@ -4,6 +4,9 @@ import json
 import pytest
 
 from semla_lab.cli import main
+from semla_lab.core.runtime import assets_dir
+
+SHIPPED_LIBRARY = str(assets_dir() / "library")
 
 
 def run(capsys, *argv):
@@ -39,6 +42,11 @@ def test_world_writes_dataset_and_preview(capsys, tmp_path):
     (["zero-shot", "--device", "cdua"], "'cdua' is not a torch device"),
     (["build-library", "--out", "lib", "--domains", "nyu", "--strength", "1.5"],
      "AdapterConfig.strength must be in (0, 1], got 1.5"),
+    (["segment", "photo.png", "--out", "o.png", "--classes", ",".join(f"c{i}" for i in range(256))],
+     "at most 255 classes fit an 8-bit mask, got 256"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "index"], "bad variant part 'index'"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "text_weight=x"], "bad value in variant part"),
+    (["beyond", "--libraries", SHIPPED_LIBRARY, "--variant", "index=centroid"], "turns no option beyond the paper on"),
 ])
 def test_bad_arguments_print_one_line_and_exit_2(capsys, argv, message, monkeypatch, tmp_path):
     monkeypatch.setenv("SEMLA_DATA_ROOT", str(tmp_path))
@@ -58,7 +66,7 @@ def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert set(manifest) == {"tiny_clip", "segmenter", "library"}
     from semla_lab.models.clip import TINY_CLIP
-    from semla_lab.workflows.pipeline import nearest_centroid_accuracy
+    from semla_lab.evaluation.embedding_space import nearest_centroid_accuracy
     from semla_lab.models.clip import load_clip
     clip = load_clip(TINY_CLIP, checkpoint=tmp_path / "tiny_clip.safetensors", device="cpu")
     assert manifest["tiny_clip"]["nearest_centroid_accuracy"] == nearest_centroid_accuracy(clip, ["cityscapes", "nyu"])
@@ -75,3 +83,37 @@ def test_build_recipe_runs_quickly_end_to_end(capsys, tmp_path):
 def test_strength_option_reaches_the_adapter_recipe(argv, strength):
     from semla_lab.cli import _adapter_config, build_parser
     assert _adapter_config(build_parser().parse_args(argv)).strength == strength
+
+
+SHARED = ("--library", "--clip", "--pretrained", "--checkpoint", "--segmenter", "--ray", "--ray-address", "--num-cpus",
+          "--steps", "--strength", "--seed", "--rank", "--k", "--tau", "--targets")
+
+
+def test_each_shared_option_is_defined_once():
+    """A flag that several subcommands take means the same everywhere: one help text, one type, one default
+    (grids take comma-separated values of the same knob)."""
+    from semla_lab.cli import build_parser
+    sub = next(a for a in build_parser()._actions if a.choices and "evaluate" in a.choices).choices
+    seen = {}
+    for command, parser in sub.items():
+        for action in parser._actions:
+            for flag in set(action.option_strings) & set(SHARED):
+                if command in ("build", "scale") and flag in ("--seed", "--targets"):
+                    continue        # the build's seed seeds every stage; scale's targets default to held-out domains
+                seen.setdefault(flag, {}).setdefault((action.help or "").split(" (default")[0], []).append(command)
+    drift = {flag: helps for flag, helps in seen.items() if len(helps) > 1}
+    assert drift == {}
+    assert len(seen["--clip"][next(iter(seen["--clip"]))]) >= 8 and set(seen) == set(SHARED)
+
+
+def test_retrieval_defaults_live_in_the_config_dataclass():
+    from semla_lab.cli import build_parser
+    from semla_lab.core.retrieval import RetrievalConfig
+    parse = build_parser().parse_args
+    for argv in (["evaluate"], ["segment", "a.png", "--classes", "road", "--out", "o.png"], ["analyze", "a", "--out", "o"],
+                 ["scale", "--out", "s"]):
+        assert (parse(argv).k, getattr(parse(argv), "tau", RetrievalConfig.tau)) == (RetrievalConfig.k, RetrievalConfig.tau)
+    assert parse(["ablate"]).k == [RetrievalConfig.k] and parse(["ablate"]).tau == [RetrievalConfig.tau]
+    own = parse(["segment", "a.png", "--classes", "road", "--out", "o.png", "--index", "kmeans:4", "--text-weight", "0.5"])
+    from semla_lab.cli import _config_fields
+    assert RetrievalConfig(**_config_fields(own, RetrievalConfig)) == RetrievalConfig(index="kmeans:4", text_weight=0.5)

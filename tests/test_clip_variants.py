@@ -9,9 +9,10 @@ import torch
 from semla_lab.library.assets import load_segmenter
 from semla_lab.cli import main
 from semla_lab.models.clip import load_clip
-from semla_lab.workflows.clip_variants import domain_centroids, nearest_centroid_hits, proxy_regret, variant_clip
+from semla_lab.evaluation.embedding_space import domain_centroids, nearest_centroid_confusion
+from semla_lab.workflows.clip_variants import proxy_regret, variant_clip
 from semla_lab.core.errors import UsageError
-from semla_lab.evaluation.experiments import evaluate_target
+from semla_lab.evaluation.scoring import evaluate_target
 from semla_lab.data.sources import load_target
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.library.predictor import LibraryModel
@@ -37,7 +38,8 @@ def test_no_condition_captions_are_the_full_ones_without_condition_words_same_im
 def test_retrieval_figures_on_hand_made_embeddings():
     centroids = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     queries = torch.tensor([[0.9, 0.1], [0.1, 0.9], [-0.8, 0.1]])
-    assert nearest_centroid_hits(queries, centroids, 0).tolist() == [True, False, False]
+    accuracy, _ = nearest_centroid_confusion(queries, ["a"] * 3, centroids, ["a", "b", "c"])
+    assert accuracy == pytest.approx(1 / 3)
     miou = {"a": 40.0, "b": 30.0, "c": 20.0}
     regret, chosen = proxy_regret(queries, centroids, ["a", "b", "c"], "a", miou)
     assert chosen == {"b": 2, "c": 1}                        # a's own centroid is never chosen

@@ -163,7 +163,7 @@ def test_predictor_accepts_path_pil_array_and_tensor(tmp_path):
 
 
 def test_empty_domain_cannot_train_or_evaluate(tiny_segmenter):
-    from semla_lab.evaluation.experiments import load_target
+    from semla_lab.data.sources import load_target
     from semla_lab.training.train import train_adapter
     with pytest.raises(ValueError, match="needs training images"):
         train_adapter(tiny_segmenter, torch.zeros(2, 64), torch.zeros(0, 3, 64, 64, dtype=torch.uint8),

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from semla_lab.cli import main
-from semla_lab.evaluation.domain_shift import analyze, analyze_images, borrowed, coverage_scores, spread_sample
+from semla_lab.workflows.analyze import analyze, analyze_images
+from semla_lab.evaluation.domain_shift import borrowed, coverage_scores, spread_sample
 from semla_lab.library.predictor import SemLAPredictor
 from semla_lab.core.retrieval import Retrieval
 from semla_lab.data.world.photos import CORRUPT, vocabulary_classes, write_photo_folder

@@ -6,8 +6,12 @@ import torch
 
 from semla_lab.library.assets import load_segmenter
 from semla_lab.models.clip import load_clip
-from semla_lab.evaluation.experiments import (METHODS, EvalConfig, ablation_grid, format_table, gap_closed, load_target,
-                                   run_ablation, run_benchmark)
+from semla_lab.evaluation.methods import METHODS
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.ablation import ablation_grid, run_ablation
+from semla_lab.evaluation.outputs import format_table, gap_closed
+from semla_lab.data.sources import load_target
+from semla_lab.evaluation.benchmark import run_benchmark
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.library.predictor import LibraryModel, SemLAPredictor
 from semla_lab.core.runtime import assets_dir
@@ -77,7 +81,7 @@ def test_oracle_is_the_targets_own_adapter(bundle):
     x = target.images.float() / 255
     own = engine.logits(x, text, torch.full((4, 1), engine.names.index("acdc_fog")), torch.ones(4, 1))
     other = engine.logits(x, text, torch.full((4, 1), engine.names.index("nyu")), torch.ones(4, 1))
-    from semla_lab.evaluation.experiments import evaluate_target
+    from semla_lab.evaluation.scoring import evaluate_target
     scores, _ = evaluate_target(engine, clip, target, ["oracle", "zero_shot"], EvalConfig(batch_size=4))
     from semla_lab.core.metrics import MIoU
     meter = MIoU(len(target.class_names))
@@ -134,7 +138,7 @@ def test_predictor_explains_its_choice(bundle):
 def test_segmenter_transfers_to_names_it_never_trained_with(bundle):
     """Open vocabulary: held-out synonyms (never used in base training, only seen by CLIP in
     captions) work far better than chance and than the same names assigned to the wrong classes."""
-    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.evaluation.scoring import evaluate_model
     from semla_lab.data.world.concepts import HELD_OUT_NAMES
     from semla_lab.data.world.generate import generate
     from semla_lab.data.world.spec import validate_spec
@@ -165,6 +169,7 @@ def test_dataset_folder_is_a_target(bundle, tmp_path):
     payload = run_benchmark(seg, clip, lib, [str(tmp_path / "mine")], ["zero_shot", "semla"], EvalConfig(),
                             device="cpu", progress=False)
     assert payload["results"]["semla"]["num_images"] == {"mine": 4}
+    assert payload["leave_one_out"] == {"mine": False}              # no library domain: nothing to leave out
     direct = run_benchmark(seg, clip, lib, ["acdc_rain"], ["zero_shot"], EvalConfig(max_images=4, batch_size=4),
                            device="cpu", progress=False)
     assert payload["results"]["zero_shot"]["per_domain"]["mine"] == direct["results"]["zero_shot"]["per_domain"]["acdc_rain"]
@@ -178,3 +183,41 @@ def test_evaluate_command_prints_table_intervals_and_gap(capsys):
     header = next(line for line in out.splitlines() if "semla - uniform" in line)
     assert header.split() == ["semla", "-", "uniform", "semla", "-", "zero_shot"]
     assert "% of the zero-shot -> oracle h-mean gap (paper: 68%)" in out
+    assert "nothing was left out" not in out
+
+
+def test_evaluate_says_when_a_target_is_no_library_domain(capsys, tmp_path):
+    from semla_lab.cli import main
+    from semla_lab.data.world.generate import mini_dir
+    spec = (mini_dir() / "cityscapes.yaml").read_text().replace("name: cityscapes", "name: unseen_city")
+    assert "unseen_city" in spec
+    (tmp_path / "unseen.yaml").write_text(spec)
+    assert main(["evaluate", "--targets", "nyu", str(tmp_path / "unseen.yaml"), "--methods", "zero_shot", "semla",
+                 "--max-images", "2", "--quiet", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "not library domains, so nothing was left out (retrieval saw the whole library): unseen_city" in out
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["leave_one_out"] == {"nyu": True, "unseen_city": False}
+
+
+def test_in_process_and_pipeline_benchmarks_are_one_runner(bundle, monkeypatch):
+    """run_benchmark (loaded models) and pipeline.evaluate (models by name) both run benchmark.benchmark and
+    give the same payload; so do run_ablation and pipeline.ablate through ablation.ablation."""
+    from semla_lab.evaluation import ablation, benchmark
+    from semla_lab.workflows import pipeline
+    calls = []
+    for module, name in ((benchmark, "benchmark"), (pipeline, "benchmark"), (ablation, "ablation"),
+                         (pipeline, "ablation")):
+        real = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    seg, clip, lib = bundle
+    cfg = EvalConfig(max_images=2, batch_size=2)
+    here = run_benchmark(seg, clip, lib, ["nyu"], ["zero_shot", "semla"], cfg, device="cpu", progress=False)
+    named = pipeline.evaluate(["nyu"], pipeline.Models(library=str(lib.root)), ["zero_shot", "semla"], cfg,
+                              progress=False)
+    assert here == named
+    grid = ablation_grid(k=[1, 2], max_images=[2])
+    assert run_ablation(seg, clip, lib, ["nyu"], grid, device="cpu", progress=False).equals(
+        pipeline.ablate(["nyu"], pipeline.Models(library=str(lib.root)), grid, progress=False))
+    assert calls == ["benchmark", "benchmark", "ablation", "ablation"]
+

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from semla_lab.core.errors import UsageError
-from semla_lab.evaluation.growth import active_order, coverage, coverage_curve, coverage_gains, random_order
+from semla_lab.library.growth import active_order, coverage, coverage_curve, coverage_gains, random_order
 
 
 def test_coverage_by_hand_weighs_every_target_equally():

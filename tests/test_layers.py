@@ -73,3 +73,11 @@ def test_the_checker_sees_function_level_imports_and_circles(tmp_path):
         assert graph() == {"a": {"b"}, "b": {"a"}}
     finally:
         ROOT = saved
+
+
+def test_only_applications_read_a_users_files():
+    """Reading a user's own image files (data.user_images) is an application: workflows and the CLI do it, the
+    evaluation layer measures what they hand it."""
+    top = LAYERS.index(("workflows",))
+    readers = sorted(m for m, deps in graph().items() if "data.user_images" in deps and 0 <= level(m) < top)
+    assert readers == []

@@ -95,7 +95,7 @@ def test_describe_load_and_transfer_a_saved_adapter(tmp_path, tiny_segmenter, ti
     from semla_lab.evaluation.transfer import adapter_transfer
     table = adapter_transfer(tiny_segmenter, tiny_clip_random, tmp_path, ["cityscapes"], max_images=2)
     assert list(table.columns) == ["zero_shot", "adapted", "gain"] and list(table.index) == ["cityscapes"]
-    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.evaluation.scoring import evaluate_model
     from semla_lab.data.world.generate import generate, get_domain
     data = generate(get_domain("cityscapes"), "test", 2)
     zero_shot = evaluate_model(tiny_segmenter, tiny_clip_random, data)

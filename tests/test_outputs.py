@@ -14,7 +14,7 @@ DOMAINS = ["a", "b", "c"]
 def _results():
     per = {"zero_shot": [20.0, 30.0, 40.0], "uniform": [30.0, 35.0, 45.0], "semla": [35.0, 33.0, 38.0],
            "oracle": [40.0, 45.0, 50.0]}
-    from semla_lab.evaluation.experiments import summarize
+    from semla_lab.evaluation.outputs import summarize
     return summarize({d: {m: v[i] for m, v in per.items()} for i, d in enumerate(DOMAINS)}, dict.fromkeys(DOMAINS, 2))
 
 

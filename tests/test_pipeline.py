@@ -10,7 +10,8 @@ from semla_lab.library import fingerprints
 from semla_lab.evaluation import methods
 from semla_lab.workflows import pipeline
 from semla_lab.models.clip import try_load_clip
-from semla_lab.evaluation.experiments import EvalConfig, evaluate_target
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.scoring import evaluate_target
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.models.lora import lora_target_table
 from semla_lab.library.predictor import LibraryModel
@@ -18,7 +19,6 @@ from semla_lab.data.real_data import missing_data_message, real_data_status
 from semla_lab.data.real_layout import write_real_layout
 from semla_lab.evaluation.outputs import load_benchmark, records_from_retrieval
 from semla_lab.core.runtime import quiet_known_warnings
-from semla_lab.models.segmenter import build_segmenter
 from semla_lab.data.sources import load_split
 from semla_lab.training.train import AdapterConfig
 from semla_lab.data.world.spec import write_spec

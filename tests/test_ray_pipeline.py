@@ -150,7 +150,7 @@ def test_a_driver_without_a_gpu_sends_gpu_jobs_to_ray(tmp_path, monkeypatch):
 
 
 def test_ray_leave_one_out_equals_serial(ray_session, serial_build):
-    from semla_lab.evaluation.experiments import EvalConfig
+    from semla_lab.evaluation.config import EvalConfig
     models = pipeline.Models(library=str(serial_build))
     cfg = EvalConfig(k=2, max_images=4)
     serial = pipeline.evaluate(DOMAINS[:3], models, cfg=cfg, progress=False)

@@ -8,7 +8,7 @@ import pytest
 from semla_lab.cli import main
 from semla_lab.core.engine import Engine
 from semla_lab.core.errors import UsageError
-from semla_lab.evaluation.experiments import EvalConfig
+from semla_lab.evaluation.config import EvalConfig
 from semla_lab.library.index import WEIGHTS, AdapterLibrary
 from semla_lab.workflows.scaling import ScaleConfig, curve_summary, run_scale, scaling_table
 from semla_lab.training.train import AdapterConfig

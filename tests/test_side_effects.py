@@ -65,7 +65,7 @@ def test_embedding_leaves_the_model_where_it_is(tiny_clip_random):
 
 
 def test_evaluate_model_uses_the_models_device(tiny_clip_random, tiny_segmenter, monkeypatch):
-    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.evaluation.scoring import evaluate_model
     from semla_lab.data.world.generate import generate, get_domain
     monkeypatch.setenv("SEMLA_DEVICE", "cuda")          # would fail on this CPU machine if it were read
     miou = evaluate_model(tiny_segmenter, tiny_clip_random, generate(get_domain("nyu"), "test", 2))

@@ -6,7 +6,10 @@ import torch
 
 from semla_lab.library.assets import load_segmenter
 from semla_lab.models.clip import load_clip
-from semla_lab.evaluation.experiments import EvalConfig, format_table, load_target, run_benchmark
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.outputs import format_table
+from semla_lab.data.sources import load_target
+from semla_lab.evaluation.benchmark import run_benchmark
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.core.metrics import harmonic_mean
 from semla_lab.library.predictor import LibraryModel
@@ -134,7 +137,7 @@ def test_benchmark_table_has_domains_as_rows_and_fits_120_columns(bundle):
 
 
 def test_class_ious_average_to_the_models_miou(bundle):
-    from semla_lab.evaluation.experiments import evaluate_model
+    from semla_lab.evaluation.scoring import evaluate_model
     from semla_lab.models.lora import load_adapter
     from semla_lab.evaluation.transfer import class_ious
     seg, clip, lib = bundle

@@ -9,7 +9,8 @@ from semla_lab.library.assets import load_segmenter
 from semla_lab.cli import main
 from semla_lab.models.clip import load_clip
 from semla_lab.core.errors import UsageError
-from semla_lab.evaluation.experiments import EvalConfig, ablation_grid
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.ablation import ablation_grid
 from semla_lab.library.index import AdapterLibrary
 from semla_lab.core.runtime import assets_dir
 from semla_lab.evaluation.tuning import canonical, held_out_tuning, split_domains
@@ -95,3 +96,16 @@ def test_cli_tune_writes_its_result(capsys, tmp_path):
     assert code == 0 and "selection domains (2 val images each)" in out and "report domains" in out
     saved = json.loads((tmp_path / "tune.json").read_text())
     assert {row["k"] for row in saved["selection"]} == {3, 5} and saved["protocol"]["report_images"] == 2
+
+
+def test_cli_tune_searches_the_options_beyond_the_paper(capsys, tmp_path):
+    code = main(["tune", "--targets", "acdc_fog", "bdd", "nyu", "--k", "3", "--tau", "0.05", "--text-weight", "0.5",
+                 "--index", "kmeans:4", "--selection-images", "2", "--max-images", "2", "--out", str(tmp_path),
+                 "--quiet"])
+    assert code == 0
+    saved = json.loads((tmp_path / "tune.json").read_text())
+    grid = [(row["k"], row["index"], row["text_weight"]) for row in saved["selection"]]
+    assert grid == [(5, "centroid", 0.0), (3, "kmeans:4", 0.5)]          # the default, then the grid
+    assert saved["default"]["index"] == "centroid" and saved["default"]["text_weight"] == 0.0
+    if saved["pick"]["k"] == 3:
+        assert "semla+kmeans:4+text0.5" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import re
 import string
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 import numpy as np
 import pandas as pd

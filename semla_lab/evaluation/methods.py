@@ -9,7 +9,7 @@
   semla+<opts>   SemLA with options beyond the paper (retrieval.py: index kmeans:P / gmm:P, coverage
                  fallback, text weight), named by RetrievalConfig.label, e.g. semla+kmeans:4+coverage1+text0.3
 Leave-one-out evaluation excludes the target's own adapter from retrieval and the uniform merge; the
-benchmark (experiments.py), the notebooks' per-image views and analysis.method_masks all dispatch here.
+benchmark (scoring.py) and the notebooks' per-image views (method_predictions, method_masks) all dispatch here.
 """
 from __future__ import annotations
 
@@ -161,3 +161,28 @@ def per_image_miou(predictions: dict[str, torch.Tensor], labels: torch.Tensor, n
             row[m] = meter.compute()["miou"]
         rows.append(row)
     return pd.DataFrame(rows, columns=list(predictions))
+
+
+def method_masks(predictor, class_names: Sequence[str], oracle: str | None = None,
+                 methods: Sequence[str] = ("zero_shot", "semla", "oracle")) -> dict[str, torch.Tensor]:
+    """(H, W) predictions of `methods` (methods.py) for a SemLAPredictor's current image (after
+    set_image), keyed by display label ("zero-shot", "SemLA", ...), with its retrieval and fusion; the
+    oracle uses the adapter of the library domain `oracle` and is left out when that is None."""
+    batch = Batch(predictor.model, predictor.image[None], embed_class_names(predictor.clip, list(class_names)),
+                  predictor.retrieval, own=oracle, fusion=predictor.fusion)
+    masks = {}
+    for m in methods:
+        logits = method_logits(m, batch)
+        if logits is not None:
+            masks[LABELS[m]] = logits[0].argmax(0).cpu()
+    return masks
+
+
+def masks_miou(masks: dict[str, torch.Tensor], label: torch.Tensor, num_classes: int) -> pd.Series:
+    """mIoU (0-100) of each (H, W) mask against one label map (255 = ignore)."""
+    out = {}
+    for name, mask in masks.items():
+        meter = MIoU(num_classes)
+        meter.update(mask.long(), label.long())
+        out[name] = meter.compute()["miou"]
+    return pd.Series(out, name="mIoU")

@@ -1,9 +1,9 @@
-"""Benchmark outputs, read back and compared: what `semla-lab evaluate --out` (experiments.run_benchmark)
-wrote, as tables for notebooks 07-09.
-
-load_benchmark -> (results.json payload, selections.jsonl records); paper_comparison, per_domain_deltas,
-failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed, retrieval_stats;
-records_from_retrieval turns a live retrieval into such records.
+"""Benchmark results: per-target scores summed up as results.json's body (summarize, gap_closed,
+bootstrap_intervals), shown as tables (results_table, format_table, format_intervals) and over several runs
+(aggregate_runs, semla_wins); and what `semla-lab evaluate --out` (benchmark.py) wrote, read back for
+notebooks 07-09: load_benchmark -> (results.json payload, selections.jsonl records); paper_comparison,
+per_domain_deltas, failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed,
+retrieval_stats; records_from_retrieval turns a live retrieval into such records.
 """
 from __future__ import annotations
 
@@ -13,9 +13,103 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from ..core.errors import MissingFileError, UsageError
-from .experiments import gap_closed
+from ..core.metrics import harmonic_mean, paired_bootstrap
+from .methods import METHODS
+
+
+def summarize(per_domain: dict[str, dict[str, float]], counts: dict[str, int]) -> dict:
+    """results.json body: per method, per-domain mIoU, mean, harmonic mean, image counts."""
+    methods = {m for scores in per_domain.values() for m in scores}
+    out = {}
+    for m in [m for m in METHODS if m in methods] + sorted(methods - set(METHODS)):
+        scores = {d: round(s[m], 2) for d, s in per_domain.items() if m in s}
+        values = list(scores.values())
+        out[m] = {"per_domain": scores, "mean": round(sum(values) / len(values), 2),
+                  "hmean": round(harmonic_mean(values), 2), "num_images": {d: counts[d] for d in scores}}
+    return out
+
+
+def gap_closed(results: dict) -> dict[str, float]:
+    """Fraction of the oracle - zero-shot h-mean gap that each method closes."""
+    if "oracle" not in results or "zero_shot" not in results:
+        return {}
+    zs, orc = results["zero_shot"]["hmean"], results["oracle"]["hmean"]
+    if orc == zs:
+        return {}
+    return {m: round((r["hmean"] - zs) / (orc - zs), 3) for m, r in results.items()}
+
+
+BOOTSTRAP_PAIRS = (("semla", "uniform"), ("semla", "zero_shot"))
+
+
+def bootstrap_intervals(confusions: dict[str, dict[str, torch.Tensor]], resamples: int = 1000) -> dict:
+    """95% paired bootstrap intervals over test images of SemLA - uniform and SemLA - zero-shot (those
+    pairs present), per domain and in h-mean. `confusions[domain][method]` is (N, C, C)."""
+    out = {}
+    for a, b in BOOTSTRAP_PAIRS:
+        domains = [d for d, c in confusions.items() if a in c and b in c]
+        if domains:
+            out[f"{a} - {b}"] = paired_bootstrap({d: confusions[d][a] for d in domains},
+                                                 {d: confusions[d][b] for d in domains}, resamples)
+    return out
+
+
+def format_intervals(bootstrap: dict) -> str:
+    """Domains as rows, one column per compared pair: 'delta [low, high]'."""
+    if not bootstrap:
+        return ""
+    cell = lambda r: f"{r['delta']:+.1f} [{r['low']:+.1f}, {r['high']:+.1f}]"
+    first = next(iter(bootstrap.values()))
+    rows = {d: {pair: cell(b["per_domain"][d]) for pair, b in bootstrap.items()} for d in first["per_domain"]}
+    rows["h-mean"] = {pair: cell(b["hmean"]) for pair, b in bootstrap.items()}
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    return (f"{100 * first['level']:.0f}% paired bootstrap intervals over test images ({first['resamples']} "
+            f"resamples):\n" + table.to_string())
+
+
+def results_table(results: dict) -> pd.DataFrame:
+    """Methods as rows, domains as columns, mean and h-mean last (the paper's Table 1 layout)."""
+    rows = {m: {**r["per_domain"], "mean": r["mean"], "h-mean": r["hmean"]} for m, r in results.items()}
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def format_table(results: dict) -> str:
+    """Domains as rows and methods as columns, then mean, h-mean and the share of the oracle - zero-shot
+    h-mean gap each method closes (fits a 120-column terminal)."""
+    table = results_table(results).T
+    gaps = gap_closed(results)
+    if gaps:
+        table.loc["gap closed"] = pd.Series(gaps)
+    with pd.option_context("display.width", 120, "display.max_columns", 20, "display.float_format", "{:.1f}".format):
+        return table.to_string()
+
+
+def aggregate_runs(payloads: list[dict]) -> pd.DataFrame:
+    """Mean and spread over runs (e.g. adapter training seeds) of each method's h-mean and mean mIoU,
+    plus the number of target domains where SemLA beats uniform."""
+    rows = []
+    extra = sorted({m for p in payloads for m in p["results"]} - set(METHODS))
+    for m in [*METHODS, *extra]:
+        runs = [p["results"][m] for p in payloads if m in p["results"]]
+        if not runs:
+            continue
+        h = torch.tensor([r["hmean"] for r in runs])
+        mean = torch.tensor([r["mean"] for r in runs])
+        rows.append({"method": m, "runs": len(runs), "h-mean": round(h.mean().item(), 1),
+                     "h-mean std": round(h.std().item(), 1) if len(runs) > 1 else 0.0,
+                     "h-mean min": round(h.min().item(), 1), "h-mean max": round(h.max().item(), 1),
+                     "mean": round(mean.mean().item(), 1)})
+    return pd.DataFrame(rows).set_index("method")
+
+
+def semla_wins(results: dict, over: str = "uniform") -> tuple[int, int]:
+    """(domains where SemLA beats `over`, domains compared)."""
+    a, b = results["semla"]["per_domain"], results[over]["per_domain"]
+    return sum(a[d] > b[d] for d in a), len(a)
+
 
 # Table 1 of the paper (20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU.
 PAPER_HMEAN = {"zero_shot": 39.4, "uniform": 51.9, "semla": 54.2, "oracle": 61.1}
@@ -44,7 +138,6 @@ def _results(payload_or_results: dict) -> dict:
 
 def paper_comparison(payload_or_results: dict) -> pd.DataFrame:
     """Per method: our h-mean and gap closed next to the paper's (NaN where the paper has none)."""
-    from .experiments import gap_closed
     results = _results(payload_or_results)
     gaps = gap_closed(results)
     zs, orc = PAPER_HMEAN["zero_shot"], PAPER_HMEAN["oracle"]

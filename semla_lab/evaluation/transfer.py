@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..models.clip import embed_class_names
 from ..core.io import atomic_write_json
-from .experiments import evaluate_model
+from .scoring import evaluate_model
 from ..models.lora import load_adapter
 from ..core.metrics import MIoU, harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel

@@ -12,7 +12,7 @@ score of the pick is then optimistic. The protocol here keeps the two apart:
   3. The pick and the paper's defaults are scored on the report domains only, on their **test** split,
      per domain and in h-mean, with a paired bootstrap interval of pick - default over test images.
 
-Scoring reuses `experiments.evaluate_target`, the benchmark's own leave-one-out code.
+Scoring reuses `scoring.evaluate_target`, the benchmark's own leave-one-out code.
 Notebook 06 applies it; `semla-lab tune` runs it.
 """
 from __future__ import annotations
@@ -23,12 +23,14 @@ from dataclasses import asdict, dataclass, replace
 from tqdm.auto import tqdm
 
 from ..core.errors import UsageError
-from .experiments import EvalConfig, evaluate_target
+from .config import EvalConfig
+from .scoring import evaluate_target
 from ..core.metrics import harmonic_mean, paired_bootstrap
 from ..library.predictor import LibraryModel
 from ..data.sources import load_target
 
-KNOBS = ("k", "tau", "metric", "weighting", "fusion")      # what a selection can differ in
+KNOBS = ("k", "tau", "metric", "weighting", "fusion", "index", "fallback", "fallback_strength",
+         "text_weight")                                    # what a selection can differ in
 
 
 def scene_kind(scene: dict[str, float]) -> str:
@@ -75,13 +77,15 @@ def knobs(cfg: EvalConfig) -> dict:
 
 
 def _scores(engine, clip, targets, cfg: EvalConfig, confusions: dict | None = None) -> dict[str, float]:
-    """SemLA mIoU per target (leave-one-out); fills `confusions[target]` with per-image confusions."""
+    """SemLA mIoU per target (leave-one-out), with the config's options beyond the paper when any is on;
+    fills `confusions[target]` with per-image confusions."""
+    method = cfg.extra_method or "semla"
     out = {}
     for t in targets:
         store = {} if confusions is not None else None
-        out[t.name] = evaluate_target(engine, clip, t, ("semla",), cfg, store)[0]["semla"]
+        out[t.name] = evaluate_target(engine, clip, t, (method,), cfg, store)[0][method]
         if confusions is not None:
-            confusions[t.name] = store["semla"]
+            confusions[t.name] = store[method]
     return out
 
 
@@ -89,7 +93,7 @@ def held_out_tuning(segmenter, clip, library, domains: list[str], configs: list[
                     default: EvalConfig = EvalConfig(), selection_images: int = 50, report_images: int | None = None,
                     fraction: float = 0.5, seed: int = 0, resamples: int = 1000, image_size: int | None = None,
                     device=None, progress: bool = True) -> dict:
-    """The held-out protocol (module docstring) over `configs` (e.g. `experiments.ablation_grid(k=..., tau=...)`),
+    """The held-out protocol (module docstring) over `configs` (e.g. `ablation.ablation_grid(k=..., tau=...)`),
     with `selection_images` val images per selection domain and `report_images` test images per report
     domain (None: the whole test split), rendered at `image_size` when given.
 
@@ -139,8 +143,11 @@ def selection_table(result: dict):
 def format_tuning(result: dict) -> str:
     """The split, the pick and its report-set scores next to the default's, as printable lines."""
     p, d, rep = result["pick"], result["default"], result["report"]
-    show = lambda c: f"K={c['k']}, tau={c['tau']:g}" + ("" if c["metric"] == "euclidean" else f", {c['metric']}") + \
-        ("" if c["weighting"] == "softmax" else f", {c['weighting']} weights") + ("" if c["fusion"] == "cat" else f", {c['fusion']}")
+    def show(c):
+        beyond = EvalConfig(**c).extra_method
+        return f"K={c['k']}, tau={c['tau']:g}" + ("" if c["metric"] == "euclidean" else f", {c['metric']}") + \
+            ("" if c["weighting"] == "softmax" else f", {c['weighting']} weights") + \
+            ("" if c["fusion"] == "cat" else f", {c['fusion']}") + (f", {beyond}" if beyond else "")
     report_images = result["protocol"]["report_images"] or "all"
     lines = [f"selection domains ({result['protocol']['selection_images']} val images each): "
              + ", ".join(result["split"]["selection"]),

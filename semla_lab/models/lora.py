@@ -14,12 +14,16 @@ import json
 import math
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
 from ..core.errors import MissingFileError
 from .segmenter import LORA_TARGETS
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 class LoRALinear(nn.Module):

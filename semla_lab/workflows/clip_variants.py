@@ -10,7 +10,7 @@ from each domain's train split, as the library's do; queries are test images. Pe
                              adapter of the nearest *other* centroid (single-adapter mIoU from the shipped
                              transfer diagnostic, transfer.json); mean over targets
   SemLA h-mean               leave-one-out SemLA with the shipped segmenter and adapters, retrieval by the
-                             variant (`experiments.evaluate_target(..., embedder=...)`)
+                             variant (`scoring.evaluate_target(..., embedder=...)`)
 
 The segmenter always embeds class names with the shipped CLIP: only retrieval changes.
 `semla-lab clip-variants` writes assets/benchmark/clip_variants.json; notebook 03b reads it.
@@ -27,26 +27,15 @@ from tqdm.auto import tqdm
 
 from ..models.clip import TINY_CLIP, Clip, embed_images, load_clip
 from ..core.errors import UsageError
-from ..evaluation.experiments import EvalConfig, evaluate_target
+from ..evaluation.config import EvalConfig
+from ..evaluation.embedding_space import domain_centroids, nearest_centroid_confusion
+from ..evaluation.scoring import evaluate_target
 from ..core.metrics import harmonic_mean
 from ..library.predictor import LibraryModel
 from ..data.sources import load_target
 from ..training.train import ClipTrainConfig
 
 VARIANTS = ("shipped", "untrained", "no_conditions")
-
-
-def domain_centroids(clip: Clip, domains: list[str], normalize: bool = True) -> torch.Tensor:
-    """(L, D) mean embedding of each domain's whole train split, as `assets.add_domain` computes a
-    library centroid."""
-    from ..data.world.generate import generate, get_domain
-    return torch.stack([embed_images(clip, generate(get_domain(d), "train").images, normalize=normalize).mean(0)
-                        for d in domains])
-
-
-def nearest_centroid_hits(queries: torch.Tensor, centroids: torch.Tensor, own: int) -> torch.Tensor:
-    """(N,) bool: whether each query's nearest centroid (Euclidean) is centroid `own`."""
-    return torch.cdist(queries, centroids).argmin(1) == own
 
 
 def proxy_regret(queries: torch.Tensor, centroids: torch.Tensor, names: list[str], target: str,
@@ -101,10 +90,10 @@ def measure_variant(clip: Clip, engine: LibraryModel, text_clip: Clip, targets: 
     for name in targets:
         target = load_target(name, max_images)
         queries = embed_images(clip, target.images)
-        hits = nearest_centroid_hits(queries, centroids, names.index(name))
+        accuracy, _ = nearest_centroid_confusion(queries, [name] * len(queries), centroids, names)
         regret, chosen = proxy_regret(queries, centroids, names, name, transfer["targets"][name]["adapters"])
         semla = evaluate_target(engine, text_clip, target, ("semla",), cfg, embedder=(clip, centroids))[0]["semla"]
-        per[name] = {"nearest_centroid_accuracy": round(hits.float().mean().item(), 3), "proxy_regret": round(regret, 2),
+        per[name] = {"nearest_centroid_accuracy": round(accuracy, 3), "proxy_regret": round(regret, 2),
                      "top1_domains": chosen, "semla": round(semla, 2), "num_images": len(target.images)}
     images = sum(p["num_images"] for p in per.values())
     return {"nearest_centroid_accuracy": round(sum(p["nearest_centroid_accuracy"] * p["num_images"]

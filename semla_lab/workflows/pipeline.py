@@ -5,7 +5,8 @@ evaluate / ablate / build all` and notebook 09 go through here, for mini-world d
 Sources are the names of sources.py: `acdc_fog`, `path/spec.yaml`, `path/dataset_folder`, `real:acdc_fog`.
 Models are named, not passed (`Models`: CLIP name/tag/checkpoint, segmenter weights, library, device), so
 that a job can load them wherever it runs. The jobs, one per adapter or per target, are plain functions
-(`train_adapter_job`, `evaluate_job`, `ablate_job`) that an engine.Engine runs serially or as Ray tasks:
+(`train_adapter_job`, `evaluate_job`, `ablate_job`) that an engine.Engine runs serially or as Ray tasks
+(the benchmark and ablation runners of evaluation/ run the last two):
 
 - a worker trains an adapter into its own staging folder and returns the folder; only the driver commits
   it to the library, through the library's atomic `add`, in the order the sources were given (so a Ray
@@ -25,7 +26,7 @@ import shutil
 import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -35,17 +36,18 @@ from tqdm.auto import tqdm
 
 from ..library.assets import base_model_id, load_segmenter, save_weights, update_manifest
 from ..models.clip import (
-    TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
+    TINY_CLIP, Clip, check_embedder, embed_class_names, index_embeddings, load_clip
 )
 from ..core.engine import Engine
 from ..core.io import atomic_folder, atomic_write_bytes
 from ..core.errors import UsageError
-from ..evaluation.experiments import (
-    METHODS, EvalConfig, ablate_target, config_methods, ablation_tables, benchmark_payload, benchmark_target,
-    evaluate_model, write_ablation, write_benchmark
-)
+from ..evaluation.ablation import ablate_target, ablation
+from ..evaluation.benchmark import TargetResult, benchmark, benchmark_target
+from ..evaluation.config import EvalConfig
+from ..evaluation.embedding_space import nearest_centroid_accuracy
+from ..evaluation.methods import METHODS
+from ..evaluation.scoring import evaluate_model
 from ..library.index import AdapterLibrary
-from ..evaluation.methods import check_methods
 from ..library.predictor import LibraryModel
 from ..core.runtime import resolve_device
 from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter
@@ -143,9 +145,7 @@ def build_base_segmenter(clip: Clip, source: str, out: str | Path, cfg: SegTrain
 
 @lru_cache(maxsize=1)
 def _replay(models: Models, stamps: tuple, source: str, max_images: int | None, image_size: int | None) -> Replay:
-    clip, _ = load_models(models)
-    data = load_split(source, "train", max_images, image_size)
-    return Replay(data.images, data.labels, embed_class_names(clip, data.class_names))
+    return source_replay(load_models(models)[0], source, max_images, image_size)
 
 
 def source_replay(clip: Clip, source: str = SOURCE_DOMAIN, max_images: int | None = None,
@@ -346,63 +346,38 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
 
 # ---- evaluation -----------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class EvalJob:
-    source: str
-    models: Models
-    methods: tuple[str, ...]
-    cfg: EvalConfig
-
-
-def evaluate_job(job: EvalJob):
-    """The unit of work of a benchmark: one target, leave-one-out (experiments.benchmark_target)."""
-    clip, _ = load_models(job.models)
-    return benchmark_target(library_model(job.models), clip, job.source, job.methods, job.cfg)
+def evaluate_job(models: Models, source: str, methods: Sequence[str], cfg: EvalConfig) -> TargetResult:
+    """The unit of work of a benchmark: one target, leave-one-out (benchmark.benchmark_target)."""
+    clip, _ = load_models(models)
+    return benchmark_target(library_model(models), clip, source, methods, cfg)
 
 
 def evaluate(targets: Sequence[str], models: Models, methods: Sequence[str] = METHODS,
              cfg: EvalConfig = EvalConfig(), out_dir: str | Path | None = None, engine: Engine | None = None,
              progress: bool = True) -> dict:
-    """The leave-one-out benchmark of `models.library` on `targets`, one job per target on `engine`;
-    the same payload as experiments.run_benchmark, written to `out_dir` when given."""
-    methods = tuple(config_methods(methods, cfg))
+    """The leave-one-out benchmark of `models.library` on `targets` (benchmark.benchmark), one job per target
+    on `engine`; the payload, written to `out_dir` when given."""
     engine = engine or Engine()
     _, worker, gpus = placement(models, engine)
-    jobs = [EvalJob(t, worker, methods, cfg) for t in targets]
-    outcomes = [r for _, r in tqdm(engine.map(evaluate_job, jobs, gpus=gpus, ordered=True), total=len(jobs),
-                                   desc="targets", disable=not progress)]
-    payload = benchmark_payload(outcomes, AdapterLibrary(models.library), list(targets), methods, cfg)
-    if out_dir is not None:
-        write_benchmark(out_dir, payload, [r for o in outcomes for r in o.records])
-    return payload
+    job = partial(evaluate_job, worker)
+    return benchmark(targets, job, AdapterLibrary(models.library), methods, cfg, out_dir, engine, gpus, progress)
 
 
-@dataclass(frozen=True)
-class AblateJob:
-    source: str
-    models: Models
-    methods: tuple[str, ...]
-    configs: tuple[EvalConfig, ...]
-
-
-def ablate_job(job: AblateJob) -> list[dict[str, float]]:
-    clip, _ = load_models(job.models)
-    return ablate_target(library_model(job.models), clip, job.source, list(job.configs), job.methods)
+def ablate_job(models: Models, source: str, configs: Sequence[EvalConfig], methods: Sequence[str]
+               ) -> list[dict[str, float]]:
+    """The unit of work of an ablation: every config on one target (ablation.ablate_target)."""
+    clip, _ = load_models(models)
+    return ablate_target(library_model(models), clip, source, list(configs), methods)
 
 
 def ablate(targets: Sequence[str], models: Models, configs: Sequence[EvalConfig], methods: Sequence[str] = ("semla",),
            out_dir: str | Path | None = None, engine: Engine | None = None, progress: bool = True):
-    """experiments.run_ablation with one job per target on `engine`: the ablation table (and CSVs in `out_dir`)."""
-    methods = tuple(check_methods(methods))
+    """The ablation of `configs` (ablation.ablation) with one job per target on `engine`: the ablation table
+    (and CSVs in `out_dir`)."""
     engine = engine or Engine()
     _, worker, gpus = placement(models, engine)
-    jobs = [AblateJob(t, worker, methods, tuple(configs)) for t in targets]
-    per_target = {job.source: r for job, r in tqdm(engine.map(ablate_job, jobs, gpus=gpus, ordered=True),
-                                                    total=len(jobs), desc="ablation", disable=not progress)}
-    table, tidy = ablation_tables(per_target, list(configs), methods)
-    if out_dir is not None:
-        write_ablation(out_dir, table, tidy)
-    return table
+    job = partial(ablate_job, worker)
+    return ablation(targets, job, configs, methods, out_dir, engine, gpus, progress)
 
 
 # ---- the whole recipe -----------------------------------------------------------------------------
@@ -436,15 +411,6 @@ def run_recipe(targets: Sequence[str], out_dir: str | Path, models: Models = Mod
 
 
 # ---- the shipped artifacts (`semla-lab build`, `make assets`) -----------------------------------------
-
-def nearest_centroid_accuracy(clip: Clip, domains: list[str], train: int = 100, test: int = 50) -> float:
-    """Fraction of held-out images whose nearest domain centroid is their own domain (what retrieval
-    depends on)."""
-    cents = torch.stack([embed_images(clip, load_split(d, "train", train).images).mean(0) for d in domains])
-    hits = [(torch.cdist(embed_images(clip, load_split(d, "test", test).images), cents).argmin(1) == i).float()
-            for i, d in enumerate(domains)]
-    return float(torch.cat(hits).mean())
-
 
 def build_clip(root: Path, cfg: ClipTrainConfig = ClipTrainConfig(), domains: list[str] | None = None,
                device=None, progress=True) -> dict:

@@ -2,7 +2,7 @@
 
 A pool of random domains (world/pool.py) gets one adapter each, trained once with the shipped recipe
 (source replay included) into the pool library by the one pipeline (pipeline.add_domains). Growth
-orders (growth.py: random orders with seeds 0, 1, ..., and active growth by target coverage) list the
+orders (library/growth.py: random orders with seeds 0, 1, ..., and active growth by target coverage) list the
 pool's domains; the library of size s in an order holds its first s domains, so libraries are nested
 and share the pool's adapters. Each is an ordinary library folder, evaluated on fixed held-out targets by pipeline.evaluate; the
 targets' own adapters, in a library of their own, give the oracle. The pipeline's jobs (one per adapter,
@@ -36,8 +36,8 @@ from ..models.clip import index_embeddings
 from ..core.io import atomic_folder, atomic_write_json
 from ..core.engine import Engine
 from ..core.errors import UsageError
-from ..evaluation.experiments import EvalConfig
-from ..evaluation.growth import active_order, coverage_curve, random_order
+from ..evaluation.config import EvalConfig
+from ..library.growth import active_order, coverage_curve, random_order
 from ..library.index import AdapterLibrary
 from ..core.manifests import manifests_dir
 from .pipeline import Models, add_domains, evaluate, load_models
@@ -53,7 +53,7 @@ ACTIVE = "active"
 
 @dataclass(frozen=True)
 class ScaleConfig:
-    """The study's design; adapters follow train.AdapterConfig and evaluation experiments.EvalConfig."""
+    """The study's design; adapters follow train.AdapterConfig and evaluation config.EvalConfig."""
     sizes: tuple[int, ...] = (5, 10, 20, 40, 80)    # library sizes, each order's libraries nested
     pool_size: int = 80                             # domains in the pool (at least the largest size)
     pool_seed: int = 0

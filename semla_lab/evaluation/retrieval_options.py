@@ -1,5 +1,5 @@
-"""Beyond the paper, measured (notebook 10): prototypes, the coverage fallback and text-aware retrieval, each
-on its own and combined, against zero-shot, the uniform merge and SemLA.
+"""Retrieval options beyond the paper, measured (notebook 10): prototypes, the coverage fallback and
+text-aware retrieval, each on its own and combined, against zero-shot, the uniform merge and SemLA.
 
 Knobs are chosen on properties measured on the val split, never on the test table:
   own-domain accuracy   share of images whose nearest library domain is their own (nothing excluded)
@@ -15,12 +15,15 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
 from ..models.clip import embed_class_names, index_embeddings
 from ..core.io import atomic_write_json
-from .experiments import EvalConfig, evaluate_target, summarize
+from .config import EvalConfig
+from .outputs import summarize
+from .scoring import evaluate_target
 from ..library.predictor import LibraryModel
 from ..core.retrieval import DomainIndex, RetrievalConfig
 from ..data.sources import load_target
@@ -154,15 +157,14 @@ def mean_over_seeds(seeds: dict) -> dict:
     return out
 
 
-def beyond_table(payload: dict, split: str) -> "pd.DataFrame":
+def beyond_table(payload: dict, split: str) -> pd.DataFrame:
     """Methods as rows, domains as columns, then h-mean (mean over seeds) and its range over seeds."""
-    import pandas as pd
     rows = {m: {**r["per_domain"], "h-mean": r["hmean"], "h-mean min": r["hmean_min"], "h-mean max": r["hmean_max"]}
             for m, r in payload["mean"][split].items()}
     return pd.DataFrame.from_dict(rows, orient="index")
 
 
-def deltas(payload: dict, split: str, over: str = "semla") -> "pd.DataFrame":
+def deltas(payload: dict, split: str, over: str = "semla") -> pd.DataFrame:
     """Per-domain mIoU of every variant minus `over` (seed means): which domains each idea moves."""
     table = beyond_table(payload, split).drop(columns=["h-mean", "h-mean min", "h-mean max"])
     return table.drop(index=[m for m in ("zero_shot", "uniform", over) if m in table.index]) - table.loc[over]

@@ -6,13 +6,13 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from semla_lab.library.assets import load_segmenter
-from semla_lab.evaluation.beyond import beyond_table, deltas, worst_below_zero_shot
+from semla_lab.evaluation.retrieval_options import beyond_table, deltas, worst_below_zero_shot
 from semla_lab.cli import main
 from semla_lab.models.clip import load_clip
-from semla_lab.evaluation.experiments import METHODS, EvalConfig, run_benchmark
+from semla_lab.evaluation.config import EvalConfig
+from semla_lab.evaluation.benchmark import run_benchmark
 from semla_lab.library.index import PROFILES, AdapterLibrary
 from semla_lab.library.predictor import SemLAPredictor
 from semla_lab.core.retrieval import RetrievalConfig
@@ -102,7 +102,7 @@ def test_bad_options_print_one_line_and_exit_2(capsys, argv, message):
 
 def test_predictor_with_text_and_fallback_explains_the_base_weight(bundle):
     seg, clip, lib = bundle
-    from semla_lab.evaluation.experiments import load_target
+    from semla_lab.data.sources import load_target
     target = load_target("nyu", 1)
     p = SemLAPredictor(seg, clip, lib, RetrievalConfig(**OPTIONS), device="cpu")
     assert p.set_image(target.images[0], exclude=["nyu"]) is None           # text-aware: waits for class names
@@ -144,7 +144,7 @@ def test_shipped_beyond_json_is_consistent():
 
 
 def test_shipped_knobs_are_what_the_choice_rule_picks_from_the_shipped_val_rows():
-    from semla_lab.evaluation.beyond import CHOICE_RULE, choose_options
+    from semla_lab.evaluation.retrieval_options import CHOICE_RULE, choose_options
     payload = json.loads((assets_dir() / "benchmark" / "beyond.json").read_text())
     tuning = payload["tuning"]
     assert tuning["rule"] == CHOICE_RULE and choose_options(tuning["val"]) == tuning["options"]
@@ -152,7 +152,7 @@ def test_shipped_knobs_are_what_the_choice_rule_picks_from_the_shipped_val_rows(
 
 
 def test_choice_rule_branches():
-    from semla_lab.evaluation.beyond import choose_options, val_rows
+    from semla_lab.evaluation.retrieval_options import choose_options, val_rows
     scores = {"semla": (40, -3), "semla+kmeans:2": (41, -3), "semla+kmeans:4": (40.5, -3), "semla+gmm:2": (39, -3),
               "semla+coverage0.5": (39, -2), "semla+coverage8": (35, -1.5), "semla+text0.3": (39.5, -3)}
     results = {"zero_shot": {"hmean": 30.0, "per_domain": {"a": 30.0, "b": 30.0}},   # (h-mean, gap on domain b)
