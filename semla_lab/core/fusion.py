@@ -53,6 +53,12 @@ def selecting(key: object, sel: Selection):
         _ACTIVE.reset(token)
 
 
+def active_selection(key: object) -> Selection | None:
+    """The selection of the layers installed under `key` in this thread or task; None outside `select` (the base
+    model)."""
+    return _ACTIVE.get().get(key)
+
+
 class FusedLoRALinear(nn.Module):
     """A frozen Linear plus the stacked LoRA factors of every library adapter for it:
     A (L, r, in), B (L, out, r), scaling (L,). With no active selection under `key` it is the plain Linear."""
