@@ -139,16 +139,21 @@ def cmd_zero_shot(args):
 def _models(args, library=None):
     """The models a command names (pipeline.Models): the shipped tiny CLIP and segmenter unless --clip,
     --pretrained, --checkpoint or --segmenter say otherwise; a library's CLIP defaults to its embedder's."""
-    from .workflows.pipeline import Models
+    from .workflows.pipeline import Models, library_pretrained
     clip = args.clip or (library.embedder.get("model") if library is not None else None) or Models.clip
-    return Models(clip=clip, pretrained=args.pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
+    pretrained = args.pretrained or (library_pretrained(library) if library is not None and not args.clip
+                                     and not args.checkpoint else None)
+    return Models(clip=clip, pretrained=pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
                   library=str(library.root) if library is not None else None, device=str(args.device))
 
 
 def _library(args):
-    from .library.index import AdapterLibrary
+    """The library of --library (default: the shipped one); an official loradb folder is imported (once) with
+    the official retrieval embedder, or the CLIP that --clip, --pretrained and --checkpoint name."""
+    from .library.loradb import embedder_identity, open_library
     from .core.runtime import assets_dir
-    return AdapterLibrary(args.library or assets_dir() / "library")
+    named = {"name": args.clip, "pretrained": args.pretrained, "checkpoint": args.checkpoint} if args.clip else {}
+    return open_library(args.library or assets_dir() / "library", embedder_identity(**named) if named else None)
 
 
 def _bundle(args):
