@@ -30,6 +30,15 @@ class ImageGroupedLinear(nn.Module):
             raise ValueError(f"image_axis must be 0 or 1, got {image_axis}")
         self.fused, self.image_axis = fused, image_axis
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, for models that read it rather than call the layer (then no adapter acts there)."""
+        return self.fused.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.fused.base.bias
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = active_selection(self.fused.key)
         if sel is None:

@@ -1,0 +1,89 @@
+"""SemLA on CAT-Seg: an official loradb imported onto a (reduced) CAT-Seg base retrieves as the official
+orchestrator and fuses per image, batched, exactly as the official per-image peft path."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from semla_lab.core.fusion import peft_weighted_forward
+from semla_lab.library.loradb import embedder_identity, import_official, is_loradb, open_library
+from semla_lab.library.predictor import LibraryModel
+from semla_lab.models.catseg import CATSegConfig, build_catseg
+from semla_lab.models.catseg.targets import OFFICIAL_LORA_TARGETS, acting_targets, lora_targets
+from semla_lab.models.clip import load_clip
+from semla_lab.models.segmenter_catseg import CATSegSegmenter
+from official_loradb import official_peft_model, write_loradb
+
+NAMES = ["acdc_fog", "acdc_night", "cityscapes", "idd"]
+CLASSES = ["road", "sky", "car, automobile", "person"]
+EMBEDDER = embedder_identity("semla-tiny-clip", "random")      # retrieval CLIP of these tests (official: ViT-L-14)
+
+
+@pytest.fixture(scope="module")
+def catseg():
+    return CATSegSegmenter.wrap(build_catseg(CATSegConfig.reduced("B"), seed=0))
+
+
+@pytest.fixture(scope="module")
+def official(catseg, tmp_path_factory):
+    """(peft model with the four adapters on every official target, imported library)."""
+    peft_model = official_peft_model(catseg, lora_targets(catseg), NAMES, seed=1)
+    g = np.random.default_rng(0)
+    root = write_loradb(peft_model, tmp_path_factory.mktemp("official") / "loradb",
+                        {n: g.normal(size=64) for n in NAMES}, list(OFFICIAL_LORA_TARGETS))
+    library = import_official(root, tmp_path_factory.mktemp("lib") / "lib", EMBEDDER)
+    return peft_model, library, root
+
+
+def test_fused_batch_equals_official_per_image_peft_path(catseg, official):
+    peft_model, library, _ = official
+    model = LibraryModel(catseg, library, "cpu")
+    images = torch.rand(3, 3, 80, 120, generator=torch.Generator().manual_seed(2))
+    text = catseg.class_text(CLASSES)
+    choices = [(["acdc_fog", "idd", "cityscapes"], [0.6, 0.3, 0.1]), (["idd", "acdc_night"], [0.5, 0.5]),
+               (["cityscapes", "acdc_fog", "acdc_night"], [0.2, 0.2, 0.6])]
+    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text) for i, (n, w) in enumerate(choices)])
+    k = max(len(n) for n, _ in choices)         # pad to K with zero-weight repeats of the first adapter
+    idx = torch.stack([model.fused.index(n + n[:1] * (k - len(n))) for n, _ in choices])
+    w = torch.tensor([ws + [0.0] * (k - len(ws)) for _, ws in choices])
+    out = model.logits(images, text, idx, w)
+    base = model.logits(images, text)
+    assert (ref - base).abs().max() > 1e-2, "the adapters must change the logits"
+    assert (out - ref).abs().max() <= 1e-4
+    per_image = model.logits_per_image(list(images), text, idx, w)
+    assert max(float((a - b).abs().max()) for a, b in zip(per_image, out)) <= 1e-4
+
+
+def test_official_libraries_open_with_the_official_embedder(official, tmp_path, monkeypatch):
+    _, library, loradb = official
+    assert library.embedder["normalize"] is False and library.embedder["preprocess"] == "resize-shorter-crop"
+    assert embedder_identity() == {"model": "ViT-L-14", "pretrained": "openai", "image_size": 224, "normalize": False,
+                                   "dim": 768, "preprocess": "resize-shorter-crop"}
+    assert library.names() == sorted(NAMES) and library.lora_config["target_modules"] == list(OFFICIAL_LORA_TARGETS)
+    clip = load_clip("semla-tiny-clip", pretrained="random")
+    assert {**clip.identity(normalize=False), "preprocess": "resize-shorter-crop"} == library.embedder
+    # a loradb folder given where a library is expected is imported once into the cache, then reused
+    monkeypatch.setenv("SEMLA_CACHE", str(tmp_path / "cache"))
+    assert is_loradb(loradb) and not is_loradb(library.root)
+    first, again = open_library(loradb, EMBEDDER), open_library(loradb, EMBEDDER)
+    assert first.root == again.root and first.root.parent == tmp_path / "cache"
+    assert torch.equal(first.centroids(), library.centroids())
+
+
+def test_inert_targets_stay_inert_and_the_library_counts_acting_ones(catseg, official):
+    _, library, _ = official
+    model = LibraryModel(catseg, library, "cpu")
+    targets = model.fused.modules   # the official names that exist here: 5 per CLIP block (9 image, 2 text), 34 in
+    acting = acting_targets(targets)   # the aggregator; q/k/v_proj (3 per block) never run
+    assert (len(targets), len(acting)) == (5 * 11 + 34, 2 * 11 + 34)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    text = catseg.class_text(CLASSES)
+    called = model_called_targets(model, images, text)
+    assert sorted(called) == sorted(acting)
+
+
+def model_called_targets(model, images, text):
+    from semla_lab.models.lora import called_fused_targets
+    return called_fused_targets(model.fused, lambda: model.logits(images, text, torch.zeros(len(images), 1).long(),
+                                                                  torch.ones(len(images), 1)))
