@@ -29,10 +29,12 @@ class SequenceFirstToy(nn.Module):
         return self.rows(h).reshape(B, T, L, D)
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=[8, 64], ids=["merged per image", "low-rank"])
+def setup(request):
+    """Width 8: each image's rows outnumber in*out/(in+out), so the grouped layers merge each image's weight;
+    width 64: they add the low-rank terms."""
     torch.manual_seed(0)
-    base = SequenceFirstToy().eval()
+    base = SequenceFirstToy(request.param).eval()
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=list(AXES), init_lora_weights=False)
     peft_model = get_peft_model(copy.deepcopy(base), cfg, adapter_name=NAMES[0])
     for n in NAMES[1:]:
@@ -52,7 +54,7 @@ def test_each_image_gets_its_own_adapters_in_every_layout(setup, grouped):
     fused = FusedAdapters(model, {n: (s, 2.0) for n, s in states.items()})
     if grouped:
         group_by_image(fused, lambda path: AXES[path])
-    x = torch.randn(3, 5, 4, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(3, 5, 4, base.seq.in_features, generator=torch.Generator().manual_seed(1))
     choices = [(["a0", "a1"], [0.7, 0.3]), (["a2", "a3"], [0.1, 0.9]), (["a3", "a1"], [0.5, 0.5])]
     idx = torch.stack([fused.index(n) for n, _ in choices])
     w = torch.tensor([ws for _, ws in choices])

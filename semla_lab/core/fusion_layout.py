@@ -39,6 +39,21 @@ class ImageGroupedLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.fused.base.bias
 
+    def per_image(self, xs: torch.Tensor, sel) -> torch.Tensor:
+        """xs (n, rows, in), image i's rows in xs[i] -> (n, rows, out) with each image's adapters. When an image
+        has more rows than in * out / (in + out) (CAT-Seg's narrow aggregator sees classes x pixels), merging
+        its adapters into its own weight, W + sum_i w_i s_i B_i A_i, costs fewer operations than the low-rank
+        path; the result is the same `cat` fusion."""
+        base = self.fused.base
+        d_in, d_out = base.in_features, base.out_features
+        if sel.fusion != "cat" or xs.shape[1] * (d_in + d_out) <= d_in * d_out:
+            return self.fused(xs)
+        A, Bt, scale = self.fused.fuse(sel)                               # (n, K r, in), (n, K r, out), (n, K r)
+        weight = torch.baddbmm(base.weight.T.to(xs.dtype), (A * scale[..., None]).transpose(1, 2).to(xs.dtype),
+                               Bt.to(xs.dtype))                           # (n, in, out) = (W + dW_i)^T
+        out = torch.bmm(xs, weight)
+        return out if base.bias is None else out.add_(base.bias.to(xs.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sel = active_selection(self.fused.key)
         if sel is None:
@@ -47,10 +62,10 @@ class ImageGroupedLinear(nn.Module):
         assert x.shape[axis] % n == 0, (f"axis {axis} of input {tuple(x.shape)} does not split into the "
                                         f"selection's {n} images")
         if axis == 0:                                                     # (n*g, ..., in): a view
-            return self.fused(x.reshape(n, -1, d_in)).reshape(*x.shape[:-1], -1)
+            return self.per_image(x.reshape(n, -1, d_in), sel).reshape(*x.shape[:-1], -1)
         lead = x.shape[0]                                                 # (L, n*g, ..., in)
         xs = x.reshape(lead, n, -1, d_in).transpose(0, 1).reshape(n, -1, d_in)           # (n, L*g, in)
-        out = self.fused(xs)                                                             # (n, L*g, out)
+        out = self.per_image(xs, sel)                                                    # (n, L*g, out)
         return out.reshape(n, lead, -1, out.shape[-1]).transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
