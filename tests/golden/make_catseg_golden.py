@@ -198,15 +198,16 @@ def fused_logits(peft_model, imgs):
     return torch.cat(rows)
 
 
-def liveness(new_model, imgs, targets, base):
-    """Max |logit change| with a random LoRA on each target alone."""
+def liveness(new_model, imgs, targets):
+    """Max |logit change| on the first image with a random LoRA on each target alone (0.0: inert)."""
     from peft import LoraConfig, get_peft_model
+    base = run(new_model(), imgs[:1])[0]         # the same batch as below: batching changes the last bits
     change = {}
     for name in targets:
         torch.manual_seed(0)
         peft_model = get_peft_model(new_model(), LoraConfig(r=4, lora_alpha=4, target_modules=[name],
                                                             init_lora_weights=False))
-        change[name] = float((run(peft_model.base_model.model, imgs[:1])[0] - base[:1]).abs().max())
+        change[name] = float((run(peft_model.base_model.model, imgs[:1])[0] - base).abs().max())
     return change
 
 
@@ -249,7 +250,7 @@ def make(ns, variant: str, checkpoint_dir: Path | None, with_liveness: bool) -> 
             "rank": RANK, "alpha": ALPHA, "targets": len(targets),
             "peft": __import__("peft").__version__, "torch": torch.__version__}
     if with_liveness:
-        change = liveness(new_model, imgs, targets, logits)
+        change = liveness(new_model, imgs, targets)
         meta["acting_targets"] = sorted(n for n, c in change.items() if c > 0)
         meta["inert_targets"] = sorted(n for n, c in change.items() if c == 0)
     tensors = {"images": imgs, "tokens": tokens.to(torch.int32), "logits": logits, "fused_logits": fused}
