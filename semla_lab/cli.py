@@ -496,6 +496,15 @@ def cmd_scale(args):
           f"({t['engine']}); wrote {Path(args.out) / 'scaling.json'} and scaling.png")
 
 
+def cmd_convert_catseg(args):
+    """Check a CAT-Seg checkpoint strictly and write its weights as one safetensors file (no pickle)."""
+    from .models.catseg import load_catseg, save_catseg_safetensors
+    model = load_catseg(args.checkpoint)
+    save_catseg_safetensors(model, args.out)
+    print(f"CAT-Seg ({model.cfg.variant}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) "
+          f"-> {args.out}")
+
+
 STRENGTH_HELP = "share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)"
 
 
@@ -674,6 +683,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--strength", type=float, help=STRENGTH_HELP)
     sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
     sc.set_defaults(func=cmd_scale)
+
+    cc = sub.add_parser("convert-catseg", help="check a CAT-Seg checkpoint (detectron2 model_final.pth) and "
+                                               "write its weights as safetensors")
+    cc.add_argument("checkpoint", help="model_final.pth (read without running any code) or a .safetensors file")
+    cc.add_argument("--out", required=True, help="the .safetensors file to write")
+    cc.set_defaults(func=cmd_convert_catseg)
 
     for q in (t, bl, ad):
         if q is not ad:

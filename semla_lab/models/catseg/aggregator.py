@@ -91,7 +91,7 @@ class SwinBlock(nn.Module):
 
 def shifted_window_mask(resolution: int, window: int, shift: int) -> torch.Tensor:
     """Swin's mask for shifted windows: -100 between tokens from different image regions, (windows, n, n)."""
-    region = torch.zeros(1, resolution, resolution, 1)
+    region = torch.zeros(1, resolution, resolution, 1, device="cpu")   # also when built on the meta device
     cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
     for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
         region[:, h, w, :] = i

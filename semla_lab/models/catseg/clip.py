@@ -133,7 +133,8 @@ class CLIP(nn.Module):
         self.visual = VisualTransformer(cfg.clip_size, cfg.patch_size, cfg.vision_width, cfg.vision_layers,
                                         cfg.embed_dim)
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads)
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width,      # zeros: no random init to
+                                            _weight=torch.zeros(cfg.vocab_size, cfg.text_width))   # discard
         self.positional_embedding = nn.Parameter(torch.zeros(cfg.context_length, cfg.text_width))
         self.ln_final = nn.LayerNorm(cfg.text_width)
         self.text_projection = nn.Parameter(torch.zeros(cfg.text_width, cfg.embed_dim))

@@ -67,8 +67,6 @@ class CATSeg(nn.Module):
         self.sem_seg_head = CATSegHead(cfg)
         self.upsample1 = nn.ConvTranspose2d(cfg.proj_dim, cfg.decoder_guidance_dims[0], kernel_size=2, stride=2)
         self.upsample2 = nn.ConvTranspose2d(cfg.proj_dim, cfg.decoder_guidance_dims[1], kernel_size=4, stride=4)
-        self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(1, 3, 1, 1), persistent=False)
 
     @property
     def clip_model(self) -> CLIP:
@@ -76,7 +74,9 @@ class CATSeg(nn.Module):
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) RGB in 0..255 -> CLIP-normalised, the model's input convention."""
-        return (pixels - self.pixel_mean) / self.pixel_std
+        mean, std = (torch.tensor(v, device=pixels.device, dtype=pixels.dtype).view(1, 3, 1, 1)
+                     for v in (PIXEL_MEAN, PIXEL_STD))
+        return (pixels - mean) / std
 
     def _text_tower_fused(self) -> bool:
         return any(isinstance(m, FusedLoRALinear) for m in self.clip_model.transformer.modules())
