@@ -4,7 +4,7 @@ random LoRA adapters (r=8, alpha=16) on the official SemLA targets (154 of the 2
 
   base      CAT-Seg forward, no adapters (class text encoded once per call)
   SemLA     ONE forward in which every image has its own 5 adapters, fused per layer
-            (LibraryModel's path: core.fusion + core.fusion_layout, the text encoded once per image)
+            (LibraryModel's path: core.fusion + core.fusion_merged, the text encoded once per image)
   official  per image, as the official SemLA code does: peft add_weighted_adapter(cat) + set_adapter +
             forward + delete_adapter
 

@@ -110,7 +110,8 @@ def called_fused_targets(fused, run) -> list[str]:
     modules: the targets whose adapters act. A target whose weight the model reads directly (CAT-Seg's attention
     projections) is never called, so its adapters change nothing."""
     called: set[str] = set()
-    hooks = [layer.register_forward_hook(lambda *_, path=path: called.add(path)) for path, layer in fused.layers.items()]
+    hooks = [fused.model.get_submodule(path).register_forward_hook(lambda *_, path=path: called.add(path))
+             for path in fused.layers]          # the module installed there (a wrapper of the fused layer, or it)
     try:
         with torch.no_grad():
             run()

@@ -7,7 +7,7 @@ image's fused adapters, inside the forward. Here a CAT-Seg's class text is there
 (T, context) (`class_text`), and the forward encodes them:
 - with no fusion selection active (zero-shot, training under peft): once, shared by the batch;
 - under a per-image selection of a LibraryModel: B copies of the vocabulary, one per image, which the
-  fused text layers see as B image groups (core/fusion_layout.py).
+  fused text layers see as B image groups along their first axis (core/fusion.py).
 
 `CATSegSegmenter` is CATSeg with these methods (same module names, so official LoRA target names apply and
 peft folders it trains are official ones); `load_catseg_segmenter` reads a checkpoint into one, and a
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core.fusion import FusedAdapters, active_selection
-from ..core.fusion_layout import group_by_image
+from ..core.fusion_merged import merge_where_cheaper
 from .catseg import CATSeg
 from .catseg.model import prompts, tokenize
 from .segmenter import upsample_logits
@@ -56,10 +56,10 @@ class CATSegSegmenter(CATSeg):
         return tokenize(prompts(list(class_names)), self.cfg.context_length)
 
     def install_fusion(self, fused: FusedAdapters) -> None:
-        """Called once a LibraryModel installed its fused adapters: every target sees the images as groups along
-        its first axis (the aggregator folds classes and windows into it), and the text is encoded per image
-        whenever a selection is active."""
-        group_by_image(fused, lambda path: 0)
+        """Called once a LibraryModel installed its fused adapters: the aggregator's layers, which see every class
+        at every pixel, merge each image's adapters into its own weight (core/fusion_merged.py), and the text is
+        encoded per image whenever a selection is active."""
+        merge_where_cheaper(fused)
         self._fusion_key = fused.key
 
     def text_features(self, tokens: torch.Tensor, images: int) -> torch.Tensor:
