@@ -1,6 +1,7 @@
-"""Writes small official SemLA libraries for tests: loradb/<domain>/ peft folders (saved by peft's
+"""Writes the official SemLA files for tests: small libraries, loradb/<domain>/ peft folders (saved by peft's
 save_pretrained with the domain as adapter name, as the official train_net.py saves them) and
-<domain>_statistics.npz centroids (train_average_embedding (1, D), as generate_embeddings.py writes them)."""
+<domain>_statistics.npz centroids (train_average_embedding (1, D), as generate_embeddings.py writes them);
+and CAT-Seg checkpoints in detectron2's layout ({"model": state}, official key names)."""
 from __future__ import annotations
 
 import copy
@@ -42,3 +43,17 @@ def write_loradb(peft_model, root: Path, centroids: dict[str, np.ndarray], targe
         np.savez(root / name / f"{name}_statistics.npz",
                  train_average_embedding=np.asarray(centroid, dtype=np.float32).reshape(1, -1))
     return root
+
+
+def write_detectron2_checkpoint(model: torch.nn.Module, path: Path) -> Path:
+    """`model`'s weights as detectron2 saves the official CAT-Seg: {"model": state dict}, every attention's
+    `attn.{q,k,v}_proj.weight` also under nn.MultiheadAttention's `attn.{q,k,v}_proj_weight` (tied in the official
+    model)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        state[key] = value
+        for m in "qkv":
+            if key.endswith(f".attn.{m}_proj.weight"):
+                state[key.replace(f"{m}_proj.weight", f"{m}_proj_weight")] = value
+    torch.save({"model": state, "iteration": 0}, path)
+    return Path(path)

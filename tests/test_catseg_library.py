@@ -87,3 +87,35 @@ def model_called_targets(model, images, text):
     from semla_lab.models.lora import called_fused_targets
     return called_fused_targets(model.fused, lambda: model.logits(images, text, torch.zeros(len(images), 1).long(),
                                                                   torch.ones(len(images), 1)))
+
+
+@pytest.mark.slow
+def test_evaluate_catseg_with_an_official_loradb_end_to_end(tmp_path, monkeypatch, capsys):
+    """`semla-lab evaluate --segmenter catseg:FILE --library LORADB --targets real:...` on stand-in images in the
+    Cityscapes and ACDC layouts: a random-weight CAT-Seg checkpoint in detectron2's format, an official-format
+    loradb, leave-one-out retrieval with the loradb's centroids."""
+    from semla_lab.cli import main
+    from semla_lab.data.real_data import DATA_ROOT_ENV, load_real_spec, real_dataset_names
+    from test_pipeline import write_fake_real_data
+    from official_loradb import write_detectron2_checkpoint
+    for name in real_dataset_names():
+        monkeypatch.delenv(load_real_spec(name).root_env, raising=False)
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "data"))
+    write_fake_real_data(tmp_path / "data", monkeypatch, train=1, val=2)
+    monkeypatch.setenv("SEMLA_CACHE", str(tmp_path / "cache"))
+    model = build_catseg(CATSegConfig.reduced("B"), seed=0)
+    checkpoint = write_detectron2_checkpoint(model, tmp_path / "model_final.pth")
+    domains = ["acdc_fog", "acdc_night", "cityscapes"]
+    g = np.random.default_rng(1)
+    loradb = write_loradb(official_peft_model(model, lora_targets(model), domains, seed=2), tmp_path / "loradb",
+                          {d: g.normal(size=64) for d in domains}, list(OFFICIAL_LORA_TARGETS))
+    out = tmp_path / "run"
+    assert main(["evaluate", "--segmenter", f"catseg:{checkpoint}", "--library", str(loradb),
+                 "--clip", "semla-tiny-clip", "--pretrained", "random", "--targets", "real:acdc_fog", "real:cityscapes",
+                 "--methods", "zero_shot", "semla", "oracle", "--k", "2", "--out", str(out), "--quiet",
+                 "--device", "cpu"]) == 0
+    from semla_lab.evaluation.outputs import load_benchmark
+    saved, records = load_benchmark(out)
+    assert saved["results"]["semla"]["num_images"] == {"acdc_fog": 2, "cityscapes": 2}
+    assert len(records) == 4 and all(r["target"] not in r["chosen"] and len(r["chosen"]) == 2 for r in records)
+    assert "SemLA" in capsys.readouterr().out
