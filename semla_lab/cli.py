@@ -289,16 +289,18 @@ def cmd_clip_variants(args):
 
 
 def _adapter_config(args, **fixed):
-    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps, --strength and --seed
-    on top."""
+    """The shipped adapter recipe (train.AdapterConfig; on a CAT-Seg base, "catseg:FILE", the official SemLA one,
+    train.CATSEG_RECIPE) with the command's --rank, --steps, --strength and --seed on top."""
     from dataclasses import replace
-    from .training.train import AdapterConfig
-    over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    from .models.segmenter_catseg import catseg_path
+    from .training.train import CATSEG_RECIPE, AdapterConfig
+    recipe = CATSEG_RECIPE if catseg_path(getattr(args, "segmenter", None)) else AdapterConfig()
+    over = {**({"seed": args.seed} if args.seed is not None else {}), **({"steps": args.steps} if args.steps else {})}
     if getattr(args, "rank", None):
         over.update(r=args.rank, lora_alpha=2 * args.rank)
     if getattr(args, "strength", None) is not None:
         over["strength"] = args.strength
-    return replace(AdapterConfig(), **over, **fixed)
+    return replace(recipe, **over, **fixed)
 
 
 def cmd_train_adapter(args):
@@ -695,7 +697,7 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
             q.add_argument("--strength", type=float, help=STRENGTH_HELP)
         q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, help="adapter training seed (default: the recipe's: 0, 250 on CAT-Seg)")
     for q in (bl, ad):
         q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")
         q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")

@@ -119,3 +119,37 @@ def test_evaluate_catseg_with_an_official_loradb_end_to_end(tmp_path, monkeypatc
     assert saved["results"]["semla"]["num_images"] == {"acdc_fog": 2, "cityscapes": 2}
     assert len(records) == 4 and all(r["target"] not in r["chosen"] and len(r["chosen"]) == 2 for r in records)
     assert "SemLA" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_build_and_grow_a_catseg_library_with_the_official_recipe(tmp_path, monkeypatch):
+    """`build-library --segmenter catseg:FILE --domains real:...` trains with the official recipe by default
+    (r 8, alpha 16, the official targets, seed 250, no replay, no shrink), and `add-domain` grows the library."""
+    from semla_lab.cli import main
+    from semla_lab.data.real_data import DATA_ROOT_ENV, load_real_spec, real_dataset_names
+    from semla_lab.library.index import AdapterLibrary
+    from test_pipeline import write_fake_real_data
+    from official_loradb import write_detectron2_checkpoint
+    for name in real_dataset_names():
+        monkeypatch.delenv(load_real_spec(name).root_env, raising=False)
+    monkeypatch.setenv(DATA_ROOT_ENV, str(tmp_path / "data"))
+    write_fake_real_data(tmp_path / "data", monkeypatch, train=2, val=1)
+    checkpoint = write_detectron2_checkpoint(build_catseg(CATSegConfig.reduced("B"), seed=0), tmp_path / "m.pth")
+    common = ["--segmenter", f"catseg:{checkpoint}", "--clip", "semla-tiny-clip", "--pretrained", "random",
+              "--steps", "2", "--quiet", "--device", "cpu"]
+    lib = tmp_path / "lib"
+    assert main(["build-library", "--out", str(lib), "--domains", "real:cityscapes", *common]) == 0
+    assert main(["add-domain", "--library", str(lib), "--domain", "real:acdc_fog", *common]) == 0
+    library = AdapterLibrary(lib)
+    assert library.names() == ["cityscapes", "acdc_fog"]
+    assert library.lora_config["r"] == 8 and library.lora_config["lora_alpha"] == 16
+    assert library.lora_config["target_modules"] == list(OFFICIAL_LORA_TARGETS)
+    assert library.embedder["normalize"] is False and library.embedder["preprocess"] == "resize-shorter-crop"
+    state = library.load_adapter_state("acdc_fog")
+    trained = {k.removeprefix("base_model.model.").removesuffix(".lora_B.weight") for k, t in state.items()
+               if k.endswith("lora_B.weight") and t.abs().max() > 0}
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in state}
+    assert len(modules) == 89 and trained == set(acting_targets(sorted(modules))), "inert targets never train"
+    import json
+    config = json.loads((library.adapter_path("acdc_fog") / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"].startswith("catseg@")

@@ -83,6 +83,16 @@ class CATSegSegmenter(CATSeg):
         feats = self.text_features(text, images.shape[0])
         return super().forward(self.normalize(images * 255.0), feats.to(images.dtype))
 
+    @staticmethod
+    def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The official training loss: logits (B, T, H, W) against one-hot targets by binary cross-entropy, mean
+        over every pixel and class. As in the official code, ignored pixels (255) are not left out: their target
+        is all zeros ("no class"), which is how the released adapters were trained."""
+        valid = labels != 255
+        target = F.one_hot(labels.long().clamp(max=logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2)
+        target = target.to(logits.dtype) * valid[:, None]
+        return F.binary_cross_entropy_with_logits(logits, target)
+
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [0, 1], text from `class_text` -> logits (B, T, H, W)."""
         return upsample_logits(self.coarse_logits(self.to_input_size(images), text), images.shape[-2:])

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..library.assets import base_model_id, load_segmenter, save_weights, update_manifest
 from ..models.clip import (
-    TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
+    CENTER_CROP, TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
 )
 from ..core.engine import Engine
 from ..core.errors import UsageError
@@ -250,9 +250,19 @@ def staging_folder(near: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfig) -> AdapterLibrary:
-    """The library at `out`, created (atomically: built beside, renamed in) when absent. An existing one
-    must have been built for the same CLIP, segmenter and LoRA shape; building into it resumes it."""
+def library_embedder(clip: Clip, segmenter: str | None) -> dict:
+    """The embedder a new library records: `clip`, L2-normalised and resized; on a CAT-Seg base ("catseg:FILE")
+    the official SemLA embedder's conventions (unnormalised features, centre crop), as official libraries use."""
+    if catseg_path(segmenter) is None:
+        return clip.identity()
+    return {**clip.identity(normalize=False), "preprocess": CENTER_CROP}
+
+
+def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfig,
+                 embedder: dict | None = None) -> AdapterLibrary:
+    """The library at `out`, created (atomically: built beside, renamed in) when absent, recording `embedder`
+    (default: clip.identity()). An existing one must have been built for the same CLIP, segmenter and LoRA
+    shape; building into it resumes it."""
     out = Path(out)
     if (out / "index.json").is_file():
         library = AdapterLibrary(out)
@@ -267,8 +277,9 @@ def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfi
         raise UsageError(f"{out} exists and is neither an adapter library nor an empty folder; choose a new one")
     fresh = out.parent / f".{out.name}.new-{secrets.token_hex(4)}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    AdapterLibrary.create(fresh, embedder=clip.identity(), base_model=base_model,
-                          lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    AdapterLibrary.create(fresh, embedder=embedder or clip.identity(), base_model=base_model,
+                          lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets})
     if out.exists():
         out.rmdir()
     fresh.rename(out)
@@ -287,7 +298,7 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
     engine = engine or Engine()
     clip, _ = load_models(models)
     base = base_model_id(models.segmenter, models.clip)
-    library = open_library(out, clip, base, cfg)
+    library = open_library(out, clip, base, cfg, library_embedder(clip, models.segmenter))
     cfg = adapter_recipe(library, cfg)
     held = set(library.names())
     names = [domain_name(s) for s in sources]
