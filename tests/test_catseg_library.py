@@ -153,3 +153,23 @@ def test_build_and_grow_a_catseg_library_with_the_official_recipe(tmp_path, monk
     import json
     config = json.loads((library.adapter_path("acdc_fog") / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"].startswith("catseg@")
+
+
+@pytest.mark.slow
+def test_sliding_window_evaluation_fuses_each_image_as_the_official_path(tmp_path):
+    """With SemLA's evaluation protocol (sliding window: 5 crops per image), each image's crops run under that
+    image's adapters: the batched call equals the per-image peft path through the official test-time code."""
+    seg = CATSegSegmenter.wrap(build_catseg(CATSegConfig.reduced("B").with_semla_recipe(), seed=0))
+    peft_model = official_peft_model(seg, lora_targets(seg), NAMES, seed=1)
+    root = write_loradb(peft_model, tmp_path / "loradb", {n: np.zeros(64) + i for i, n in enumerate(NAMES)},
+                        list(OFFICIAL_LORA_TARGETS))
+    model = LibraryModel(seg, import_official(root, tmp_path / "lib", EMBEDDER), "cpu")
+    images = torch.rand(2, 3, 90, 160, generator=torch.Generator().manual_seed(4))
+    text = seg.class_text(CLASSES[:3])
+    choices = [(["acdc_fog", "idd"], [0.8, 0.2]), (["cityscapes", "acdc_night"], [0.4, 0.6])]
+    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text) for i, (n, w) in enumerate(choices)])
+    out = model.logits(images, text, torch.stack([model.fused.index(n) for n, _ in choices]),
+                       torch.tensor([w for _, w in choices]))
+    assert out.shape == (2, 3, 90, 160)
+    assert (ref.sigmoid() - model.logits(images, text).sigmoid()).abs().max() > 1e-3, "adapters must act"
+    assert (out.sigmoid() - ref.sigmoid()).abs().max() <= 1e-5

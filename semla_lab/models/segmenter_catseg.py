@@ -15,14 +15,16 @@ segmenter path "catseg:FILE" names one wherever the package loads a base segment
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..core.fusion import FusedAdapters, active_selection
+from ..core.fusion import FusedAdapters, Selection, active_selection, selecting
 from ..core.fusion_merged import merge_where_cheaper
 from .catseg import CATSeg
+from .catseg.inference import catseg_scores
 from .catseg.model import prompts, tokenize
 from .segmenter import upsample_logits
 
@@ -94,11 +96,40 @@ class CATSegSegmenter(CATSeg):
         return F.binary_cross_entropy_with_logits(logits, target)
 
     def forward(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [0, 1], text from `class_text` -> logits (B, T, H, W)."""
+        """images (B, 3, H, W) in [0, 1], text from `class_text` -> logits (B, T, H, W). In eval mode with
+        cfg.sliding_window (SemLA's evaluation protocol), the official test-time path, image by image."""
+        if self.cfg.sliding_window and not self.training:
+            return self.official_logits(images, text)
         return upsample_logits(self.coarse_logits(self.to_input_size(images), text), images.shape[-2:])
+
+    def official_logits(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """The official evaluation's scores (catseg/inference.py: test resize, sliding window of 5 crops, sigmoid)
+        as logits, one image at a time, each with its own adapters (its row of the active selection, repeated
+        for its crops)."""
+        sel = active_selection(self._fusion_key) if self._fusion_key is not None else None
+        out = []
+        for i, image in enumerate(images):
+            scope = nullcontext() if sel is None else selecting(
+                self._fusion_key, Selection(sel.indices[i:i + 1], sel.weights[i:i + 1], sel.fusion))
+            with scope:
+                scores = catseg_scores(_OfficialCall(self), image * 255.0, self.text_features(text, 1))
+            out.append(torch.logit(scores.clamp(1e-6, 1 - 1e-6)))
+        return torch.stack(out)
+
+
+class _OfficialCall:
+    """A CATSegSegmenter seen with CATSeg's own call convention (normalised images, text features), as
+    catseg/inference.py calls the model."""
+
+    def __init__(self, model: CATSegSegmenter):
+        self.model, self.cfg, self.normalize = model, model.cfg, model.normalize
+
+    def __call__(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return CATSeg.forward(self.model, images, text)
 
 
 def load_catseg_segmenter(path: str | Path) -> CATSegSegmenter:
-    """A CAT-Seg checkpoint (detectron2 .pth read weights-only, or safetensors) as a segmenter, in eval mode."""
+    """A CAT-Seg checkpoint (detectron2 .pth read weights-only, or safetensors) as a segmenter in eval mode, set up
+    as SemLA's scripts evaluate it (class-aggregation pooling (1, 1), sliding-window inference)."""
     from .catseg import load_catseg
-    return CATSegSegmenter.wrap(load_catseg(path)).eval()
+    return CATSegSegmenter.wrap(load_catseg(path, semla_recipe=True)).eval()
