@@ -96,8 +96,8 @@ def main(argv=None):
                        ("official_over_base", "official / base", fmt_x),
                        ("official_over_semla", "official / SemLA", fmt_x),
                        ("max_logit_diff", "max |SemLA - official|", lambda v: f"{v:.1e}")],
-                title=f"CAT-Seg ({cfg.variant}) {cfg.image_size} px, {len(CLASSES)} classes, {LIBRARY_SIZE} adapters on "
-                      f"{len(targets)} targets ({len(acting_targets(targets))} act), K={K}, {device}"))
+                title=f"CAT-Seg ({cfg.variant}) {cfg.image_size} px, {len(CLASSES)} classes, {LIBRARY_SIZE} "
+                      f"adapters on {len(targets)} targets ({len(acting_targets(targets))} act), K={K}, {device}"))
     print(target_lines(targets_met))
     write_json(args.json, payload("catseg", device, args.quick, rows, targets_met,
                                   model={"variant": cfg.variant, "image_size": cfg.image_size,

@@ -1,7 +1,5 @@
 """SemLA on CAT-Seg: an official loradb imported onto a (reduced) CAT-Seg base retrieves as the official
 orchestrator and fuses per image, batched, exactly as the official per-image peft path."""
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -43,7 +41,8 @@ def test_fused_batch_equals_official_per_image_peft_path(catseg, official):
     text = catseg.class_text(CLASSES)
     choices = [(["acdc_fog", "idd", "cityscapes"], [0.6, 0.3, 0.1]), (["idd", "acdc_night"], [0.5, 0.5]),
                (["cityscapes", "acdc_fog", "acdc_night"], [0.2, 0.2, 0.6])]
-    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text) for i, (n, w) in enumerate(choices)])
+    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text)
+                     for i, (n, w) in enumerate(choices)])
     k = max(len(n) for n, _ in choices)         # pad to K with zero-weight repeats of the first adapter
     idx = torch.stack([model.fused.index(n + n[:1] * (k - len(n))) for n, _ in choices])
     w = torch.tensor([ws + [0.0] * (k - len(ws)) for _, ws in choices])
@@ -167,7 +166,8 @@ def test_sliding_window_evaluation_fuses_each_image_as_the_official_path(tmp_pat
     images = torch.rand(2, 3, 90, 160, generator=torch.Generator().manual_seed(4))
     text = seg.class_text(CLASSES[:3])
     choices = [(["acdc_fog", "idd"], [0.8, 0.2]), (["cityscapes", "acdc_night"], [0.4, 0.6])]
-    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text) for i, (n, w) in enumerate(choices)])
+    ref = torch.cat([peft_weighted_forward(peft_model, n, w, images[i:i + 1], text)
+                     for i, (n, w) in enumerate(choices)])
     out = model.logits(images, text, torch.stack([model.fused.index(n) for n, _ in choices]),
                        torch.tensor([w for _, w in choices]))
     assert out.shape == (2, 3, 90, 160)
