@@ -173,3 +173,21 @@ def test_sliding_window_evaluation_fuses_each_image_as_the_official_path(tmp_pat
     assert out.shape == (2, 3, 90, 160)
     assert (ref.sigmoid() - model.logits(images, text).sigmoid()).abs().max() > 1e-3, "adapters must act"
     assert (out.sigmoid() - ref.sigmoid()).abs().max() <= 1e-5
+
+
+def test_predictor_segments_images_of_any_size_on_catseg(catseg, official):
+    """SemLAPredictor (what `segment` and `analyze` use) on a CAT-Seg base: embed and retrieve once, then masks at
+    each image's size, batched; the single-image path gives the same mask."""
+    from semla_lab.library.predictor import SemLAPredictor
+    from semla_lab.core.retrieval import RetrievalConfig
+    _, library, _ = official
+    clip = load_clip("semla-tiny-clip", pretrained="random")
+    predictor = SemLAPredictor(catseg, clip, library, RetrievalConfig(k=2), device="cpu", batch_size=2)
+    g = torch.Generator().manual_seed(5)
+    images = [torch.rand(3, 70, 90, generator=g), torch.rand(3, 48, 64, generator=g)]
+    retrieval = predictor.set_image_batch(images)
+    assert retrieval.indices.shape == (2, 2)
+    masks = predictor.predict_batch(CLASSES)
+    assert [m.shape for m in masks] == [(70, 90), (48, 64)]
+    predictor.set_image(images[1])
+    assert torch.equal(predictor.predict(CLASSES), masks[1])
