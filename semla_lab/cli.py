@@ -138,16 +138,21 @@ def cmd_zero_shot(args):
 def _models(args, library=None):
     """The models a command names (pipeline.Models): the shipped tiny CLIP and segmenter unless --clip,
     --pretrained, --checkpoint or --segmenter say otherwise; a library's CLIP defaults to its embedder's."""
-    from .workflows.pipeline import Models
+    from .workflows.pipeline import Models, library_pretrained
     clip = args.clip or (library.embedder.get("model") if library is not None else None) or Models.clip
-    return Models(clip=clip, pretrained=args.pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
+    pretrained = args.pretrained or (library_pretrained(library) if library is not None and not args.clip
+                                     and not args.checkpoint else None)
+    return Models(clip=clip, pretrained=pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
                   library=str(library.root) if library is not None else None, device=str(args.device))
 
 
 def _library(args):
-    from .library.index import AdapterLibrary
+    """The library of --library (default: the shipped one); an official loradb folder is imported (once) with
+    the official retrieval embedder, or the CLIP that --clip, --pretrained and --checkpoint name."""
+    from .library.loradb import embedder_identity, open_library
     from .core.runtime import assets_dir
-    return AdapterLibrary(args.library or assets_dir() / "library")
+    named = {"name": args.clip, "pretrained": args.pretrained, "checkpoint": args.checkpoint} if args.clip else {}
+    return open_library(args.library or assets_dir() / "library", embedder_identity(**named) if named else None)
 
 
 def _bundle(args):
@@ -284,16 +289,18 @@ def cmd_clip_variants(args):
 
 
 def _adapter_config(args, **fixed):
-    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps, --strength and --seed
-    on top."""
+    """The shipped adapter recipe (train.AdapterConfig; on a CAT-Seg base, "catseg:FILE", the official SemLA one,
+    train.CATSEG_RECIPE) with the command's --rank, --steps, --strength and --seed on top."""
     from dataclasses import replace
-    from .training.train import AdapterConfig
-    over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    from .models.segmenter_catseg import catseg_path
+    from .training.train import CATSEG_RECIPE, AdapterConfig
+    recipe = CATSEG_RECIPE if catseg_path(getattr(args, "segmenter", None)) else AdapterConfig()
+    over = {**({"seed": args.seed} if args.seed is not None else {}), **({"steps": args.steps} if args.steps else {})}
     if getattr(args, "rank", None):
         over.update(r=args.rank, lora_alpha=2 * args.rank)
     if getattr(args, "strength", None) is not None:
         over["strength"] = args.strength
-    return replace(AdapterConfig(), **over, **fixed)
+    return replace(recipe, **over, **fixed)
 
 
 def cmd_train_adapter(args):
@@ -544,11 +551,20 @@ def _ray_flags(q):
     q.add_argument("--num-cpus", type=int, help="CPUs of the local Ray cluster (default: all)")
 
 
+def cmd_convert_catseg(args):
+    """Check a CAT-Seg checkpoint strictly and write its weights as one safetensors file (no pickle)."""
+    from .models.catseg import load_catseg, save_catseg_safetensors
+    model = load_catseg(args.checkpoint)
+    save_catseg_safetensors(model, args.out)
+    print(f"CAT-Seg ({model.cfg.variant}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) "
+          f"-> {args.out}")
+
+
 def _training_flags(q):
     q.add_argument("--steps", type=int, help="adapter training steps (default: the shipped recipe's)")
     q.add_argument("--strength", type=float, help="share of the trained update each adapter keeps (default: the "
                                                   "shipped recipe's, 0.9)")
-    q.add_argument("--seed", type=int, default=0, help="adapter training seed (default: 0)")
+    q.add_argument("--seed", type=int, help="adapter training seed (default: the recipe's: 0, 250 on CAT-Seg)")
 
 
 def _rank_flag(q):
@@ -731,6 +747,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--max-images", type=int, default=100, help="test images per target (default: 100)")
     sc.add_argument("--query-images", type=int, default=50,
                     help="unlabelled training images per target that active growth sees (default: 50)")
+
+    cc = command("convert-catseg", cmd_convert_catseg, "check a CAT-Seg checkpoint (detectron2 model_final.pth) "
+                 "and write its weights as safetensors")
+    cc.add_argument("checkpoint", help="model_final.pth (read without running any code) or a .safetensors file")
+    cc.add_argument("--out", required=True, help="the .safetensors file to write")
     return p
 
 

@@ -11,7 +11,8 @@ from ..core.retrieval import DomainIndex
 from ..core.runtime import model_device
 from ..data.split import Split
 from ..library.predictor import LibraryModel
-from ..models.clip import Clip, embed_class_names
+from ..models.clip import Clip
+from ..models.segmenter import class_text
 from .config import EvalConfig, config_methods
 from .methods import METHODS, check_methods, is_beyond, predict_batch
 
@@ -21,7 +22,7 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
     """mIoU (0-100) of a segmenter (no adaptation) on a Split, with its own class names,
     computed on the model's device."""
     device = model_device(model)
-    text = embed_class_names(clip, data.class_names).to(device)
+    text = class_text(model, clip, data.class_names).to(device)
     meter = MIoU(len(data.class_names))
     for start in range(0, len(data.images), batch_size):
         x = data.images[start:start + batch_size].to(device).float().div(255)
@@ -42,7 +43,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=MET
         is_beyond(m) for m in methods) else check_methods(methods)
     names = engine.names
     exclude = [target.name] if leave_one_out and target.name in names else []
-    text = embed_class_names(clip, target.class_names)
+    text = class_text(engine.model, clip, target.class_names)
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
               for m in methods if m != "oracle" or target.name in names}
     records = []
