@@ -80,3 +80,23 @@ def test_records_from_retrieval_feed_the_borrow_matrix():
     m = outputs.borrow_matrix(recs)
     assert list(m.columns) == ["w", "x", "y", "z"] and m.loc["new", "z"] == 0
     assert m.sum(axis=1).iloc[0] == pytest.approx(1.0)
+
+
+def test_paper_comparison_shows_the_papers_late_fusion_hmeans():
+    results = {m: {"hmean": 30.0, "per_domain": {}} for m in ("zero_shot", "semla", "semla_late", "uniform_late", "oracle")}
+    comp = outputs.paper_comparison(results)
+    assert comp.loc["semla_late", "h-mean (paper)"] == 52.1 and comp.loc["uniform_late", "h-mean (paper)"] == 49.3
+    assert outputs.PAPER_HMEAN["semla"] - outputs.PAPER_HMEAN["semla_late"] == pytest.approx(2.1)   # weight-level ahead
+
+
+def test_paper_per_domain_puts_the_papers_seven_domains_beside_ours():
+    methods = ("zero_shot", "uniform", "semla", "oracle")
+    results = {m: {"per_domain": {d: 10.0 + i for d in outputs.PAPER_PER_DOMAIN}} for i, m in enumerate(methods)}
+    table = outputs.paper_per_domain(results)
+    assert list(table.index) == ["acdc_rain", "acdc_fog", "acdc_night", "cityscapes", "bdd", "ade", "idd"]
+    assert table.loc["bdd", ("semla", "paper")] == 57.3 and table.loc["bdd", ("uniform", "paper")] == 58.2
+    assert table.loc["ade", ("zero_shot", "paper")] == 37.8 and table.loc["ade", ("uniform", "paper")] == 37.3
+    assert table.loc["bdd", ("semla - uniform", "paper")] == pytest.approx(-0.9)
+    assert table.loc["idd", ("semla - uniform", "here")] == pytest.approx(1.0)
+    above_oracle = {d for d, r in outputs.PAPER_PER_DOMAIN.items() if r["semla"] > r["oracle"]}
+    assert above_oracle == {"acdc_fog", "acdc_night"}                    # the paper: SemLA above its own oracle

@@ -3,7 +3,8 @@ import html
 from html.parser import HTMLParser
 
 from semla_lab.data.world.photos import vocabulary_classes, write_photo_folder
-from semla_lab.evaluation.domain_shift import analyze_images, in_domain_reference
+from semla_lab.evaluation.domain_shift import in_domain_reference
+from semla_lab.workflows.analyze import analyze_images
 from semla_lab.evaluation.report_html import write_report
 from semla_lab.library.predictor import SemLAPredictor
 

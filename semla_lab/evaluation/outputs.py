@@ -2,7 +2,7 @@
 bootstrap_intervals), shown as tables (results_table, format_table, format_intervals) and over several runs
 (aggregate_runs, semla_wins); and what `semla-lab evaluate --out` (benchmark.py) wrote, read back for
 notebooks 07-09: load_benchmark -> (results.json payload, selections.jsonl records); paper_comparison,
-per_domain_deltas, failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed,
+paper_per_domain, per_domain_deltas, failure_cases; borrow_matrix (target x library domain: mean fusion weight), top_borrowed,
 retrieval_stats; records_from_retrieval turns a live retrieval into such records.
 """
 from __future__ import annotations
@@ -111,8 +111,21 @@ def semla_wins(results: dict, over: str = "uniform") -> tuple[int, int]:
     return sum(a[d] > b[d] for d in a), len(a)
 
 
-# Table 1 of the paper (20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU.
-PAPER_HMEAN = {"zero_shot": 39.4, "uniform": 51.9, "semla": 54.2, "oracle": 61.1}
+# The paper's results (arXiv 2503.21780; 20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU, from
+# its Table 1 and, for the two late-fusion methods, its fusion ablation.
+PAPER_HMEAN = {"zero_shot": 39.4, "uniform": 51.9, "semla": 54.2, "oracle": 61.1,
+               "semla_late": 52.1, "uniform_late": 49.3}
+
+# Seven of the paper's Table 1 domains, per method (mIoU), under this package's domain names.
+PAPER_PER_DOMAIN = {
+    "acdc_rain": {"zero_shot": 46.5, "uniform": 67.4, "semla": 67.7, "oracle": 70.9},
+    "acdc_fog": {"zero_shot": 47.1, "uniform": 69.7, "semla": 71.9, "oracle": 70.0},
+    "acdc_night": {"zero_shot": 37.9, "uniform": 50.0, "semla": 51.7, "oracle": 51.6},
+    "cityscapes": {"zero_shot": 47.1, "uniform": 62.2, "semla": 63.9, "oracle": 67.5},
+    "bdd": {"zero_shot": 47.9, "uniform": 58.2, "semla": 57.3, "oracle": 60.1},
+    "ade": {"zero_shot": 37.8, "uniform": 37.3, "semla": 38.2, "oracle": 54.0},
+    "idd": {"zero_shot": 35.4, "uniform": 38.8, "semla": 40.2, "oracle": 64.3},
+}
 
 
 def read_selections(path: str | Path) -> list[dict]:
@@ -146,6 +159,22 @@ def paper_comparison(payload_or_results: dict) -> pd.DataFrame:
                 "gap closed (paper)": (PAPER_HMEAN[m] - zs) / (orc - zs) if m in PAPER_HMEAN else np.nan}
             for m, r in results.items()}
     return pd.DataFrame.from_dict(rows, orient="index")
+
+
+def paper_per_domain(payload_or_results: dict, methods: Sequence[str] = ("zero_shot", "uniform", "semla", "oracle")
+                     ) -> pd.DataFrame:
+    """The paper's per-domain mIoU (PAPER_PER_DOMAIN) beside ours: one row per domain, columns
+    (method, "paper") and (method, "here"), then SemLA minus uniform in each."""
+    results = _results(payload_or_results)
+    domains = list(PAPER_PER_DOMAIN)
+    cols = {}
+    for m in methods:
+        cols[(m, "paper")] = [PAPER_PER_DOMAIN[d][m] for d in domains]
+        cols[(m, "here")] = [results[m]["per_domain"][d] for d in domains]
+    table = pd.DataFrame(cols, index=pd.Index(domains, name="domain"))
+    for side in ("paper", "here"):
+        table[("semla - uniform", side)] = table[("semla", side)] - table[("uniform", side)]
+    return table
 
 
 def per_domain_deltas(payload_or_results: dict, method: str = "semla") -> pd.DataFrame:
