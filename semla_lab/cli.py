@@ -139,16 +139,21 @@ def cmd_zero_shot(args):
 def _models(args, library=None):
     """The models a command names (pipeline.Models): the shipped tiny CLIP and segmenter unless --clip,
     --pretrained, --checkpoint or --segmenter say otherwise; a library's CLIP defaults to its embedder's."""
-    from .workflows.pipeline import Models
+    from .workflows.pipeline import Models, library_pretrained
     clip = args.clip or (library.embedder.get("model") if library is not None else None) or Models.clip
-    return Models(clip=clip, pretrained=args.pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
+    pretrained = args.pretrained or (library_pretrained(library) if library is not None and not args.clip
+                                     and not args.checkpoint else None)
+    return Models(clip=clip, pretrained=pretrained, checkpoint=args.checkpoint, segmenter=args.segmenter,
                   library=str(library.root) if library is not None else None, device=str(args.device))
 
 
 def _library(args):
-    from .library.index import AdapterLibrary
+    """The library of --library (default: the shipped one); an official loradb folder is imported (once) with
+    the official retrieval embedder, or the CLIP that --clip, --pretrained and --checkpoint name."""
+    from .library.loradb import embedder_identity, open_library
     from .core.runtime import assets_dir
-    return AdapterLibrary(args.library or assets_dir() / "library")
+    named = {"name": args.clip, "pretrained": args.pretrained, "checkpoint": args.checkpoint} if args.clip else {}
+    return open_library(args.library or assets_dir() / "library", embedder_identity(**named) if named else None)
 
 
 def _bundle(args):
@@ -284,16 +289,18 @@ def cmd_clip_variants(args):
 
 
 def _adapter_config(args, **fixed):
-    """The shipped adapter recipe (train.AdapterConfig) with the command's --rank, --steps, --strength and --seed
-    on top."""
+    """The shipped adapter recipe (train.AdapterConfig; on a CAT-Seg base, "catseg:FILE", the official SemLA one,
+    train.CATSEG_RECIPE) with the command's --rank, --steps, --strength and --seed on top."""
     from dataclasses import replace
-    from .training.train import AdapterConfig
-    over = {"seed": args.seed, **({"steps": args.steps} if args.steps else {})}
+    from .models.segmenter_catseg import catseg_path
+    from .training.train import CATSEG_RECIPE, AdapterConfig
+    recipe = CATSEG_RECIPE if catseg_path(getattr(args, "segmenter", None)) else AdapterConfig()
+    over = {**({"seed": args.seed} if args.seed is not None else {}), **({"steps": args.steps} if args.steps else {})}
     if getattr(args, "rank", None):
         over.update(r=args.rank, lora_alpha=2 * args.rank)
     if getattr(args, "strength", None) is not None:
         over["strength"] = args.strength
-    return replace(AdapterConfig(), **over, **fixed)
+    return replace(recipe, **over, **fixed)
 
 
 def cmd_train_adapter(args):
@@ -491,6 +498,15 @@ def cmd_scale(args):
           f"({t['engine']}); wrote {Path(args.out) / 'scaling.json'} and scaling.png")
 
 
+def cmd_convert_catseg(args):
+    """Check a CAT-Seg checkpoint strictly and write its weights as one safetensors file (no pickle)."""
+    from .models.catseg import load_catseg, save_catseg_safetensors
+    model = load_catseg(args.checkpoint)
+    save_catseg_safetensors(model, args.out)
+    print(f"CAT-Seg ({model.cfg.variant}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters) "
+          f"-> {args.out}")
+
+
 STRENGTH_HELP = "share of the trained update each adapter keeps (default: the shipped recipe's, 0.9)"
 
 
@@ -670,12 +686,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--seed", type=int, default=0, help="adapter training seed")
     sc.set_defaults(func=cmd_scale)
 
+    cc = sub.add_parser("convert-catseg", help="check a CAT-Seg checkpoint (detectron2 model_final.pth) and "
+                                               "write its weights as safetensors")
+    cc.add_argument("checkpoint", help="model_final.pth (read without running any code) or a .safetensors file")
+    cc.add_argument("--out", required=True, help="the .safetensors file to write")
+    cc.set_defaults(func=cmd_convert_catseg)
+
     for q in (t, bl, ad):
         if q is not ad:
             q.add_argument("--rank", type=int, help="LoRA rank r, with alpha = 2r (default: the shipped recipe's)")
             q.add_argument("--strength", type=float, help=STRENGTH_HELP)
         q.add_argument("--steps", type=int, help="training steps (default: the shipped recipe's)")
-        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--seed", type=int, help="adapter training seed (default: the recipe's: 0, 250 on CAT-Seg)")
     for q in (bl, ad):
         q.add_argument("--clip", help="open_clip model name (default: the shipped tiny CLIP)")
         q.add_argument("--pretrained", help="open_clip pretrained tag, e.g. openai")

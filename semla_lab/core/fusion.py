@@ -53,6 +53,12 @@ def selecting(key: object, sel: Selection):
         _ACTIVE.reset(token)
 
 
+def active_selection(key: object) -> Selection | None:
+    """The selection of the layers installed under `key` in this thread or task; None outside `select` (the base
+    model)."""
+    return _ACTIVE.get().get(key)
+
+
 class FusedLoRALinear(nn.Module):
     """A frozen Linear plus the stacked LoRA factors of every library adapter for it:
     A (L, r, in), B (L, out, r), scaling (L,). With no active selection under `key` it is the plain Linear."""
@@ -65,6 +71,16 @@ class FusedLoRALinear(nn.Module):
         self.register_buffer("Bt", B.transpose(1, 2).contiguous(), persistent=False)   # (L, r, out) for cat
         self.register_buffer("scaling", scaling, persistent=False)
         self.key = key               # that of the FusedAdapters that installed this layer (a copy gets its own)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base weight, as peft's layers expose it: a model that reads a target's weight instead of calling
+        the module (CAT-Seg's attention, as the official) sees the base layer, and that target stays inert."""
+        return self.base.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
 
     def fuse(self, sel: Selection) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The fusion step for this layer, every image at once: A_cat (B, K r, in) and B_cat^T (B, K r, out)
@@ -82,9 +98,9 @@ class FusedLoRALinear(nn.Module):
         if sel is None:
             return out
         n = sel.indices.shape[0]
-        squeeze = x.dim() == 2
-        xs, base = (x[:, None], out[:, None]) if squeeze else (x, out)           # (B, N, in), (B, N, out)
-        assert xs.shape[0] == n, f"batch {xs.shape[0]} but selection for {n} images"
+        # the leading axis holds the images, or image-major groups of rows (CAT-Seg: images x classes x windows)
+        assert x.shape[0] % n == 0, f"batch {x.shape[0]} is not a multiple of the selection's {n} images"
+        xs, base = x.reshape(n, -1, x.shape[-1]), out.reshape(n, -1, out.shape[-1])   # (B, N, in), (B, N, out)
         if sel.fusion == "cat":      # the scales go on h (B, N, K r), fewer numbers than A_cat when N < in
             A, Bt, scale = self.fuse(sel)
             h = torch.bmm(xs, A.transpose(1, 2).to(x.dtype)).mul_(scale.to(x.dtype)[:, None])
@@ -97,7 +113,7 @@ class FusedLoRALinear(nn.Module):
             A_mix = torch.einsum("bk,bkri->bri", root * coef.sign().to(x.dtype), A)
             B_mix = torch.einsum("bk,bkor->bor", root, B)
             res = base + torch.einsum("bnr,bor->bno", torch.einsum("bni,bri->bnr", xs, A_mix), B_mix)
-        return res[:, 0] if squeeze else res
+        return res.reshape(out.shape)
 
 
 def _module_path(key: str) -> tuple[str, str]:

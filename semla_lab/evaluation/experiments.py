@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ..models.clip import Clip, embed_class_names
+from ..models.clip import Clip
+from ..models.segmenter import class_text
 from ..core.io import atomic_write_bytes, atomic_write_json
 from ..core.errors import UsageError
 from ..core.fusion import FUSION_TYPES
@@ -79,7 +80,7 @@ def evaluate_model(model, clip: Clip, data, batch_size: int = 64) -> float:
     """mIoU (0-100) of a segmenter (no adaptation) on a Split, with its own class names,
     computed on the model's device."""
     device = model_device(model)
-    text = embed_class_names(clip, data.class_names).to(device)
+    text = class_text(model, clip, data.class_names).to(device)
     meter = MIoU(len(data.class_names))
     for start in range(0, len(data.images), batch_size):
         x = data.images[start:start + batch_size].to(device).float().div(255)
@@ -100,7 +101,7 @@ def evaluate_target(engine: LibraryModel, clip: Clip, target: Split, methods=MET
         is_beyond(m) for m in methods) else check_methods(methods)
     names = engine.names
     exclude = [target.name] if leave_one_out and target.name in names else []
-    text = embed_class_names(clip, target.class_names)
+    text = class_text(engine.model, clip, target.class_names)
     meters = {m: MIoU(len(target.class_names), per_image=image_confusions is not None)
               for m in methods if m != "oracle" or target.name in names}
     records = []

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 
-from ..models.clip import embed_class_names, index_embeddings
+from ..models.clip import index_embeddings
+from ..models.segmenter import class_text
 from ..core.errors import UsageError
 from ..core.metrics import MIoU
 from ..library.predictor import LibraryModel
@@ -145,7 +146,7 @@ def method_predictions(model: LibraryModel, clip, images: torch.Tensor, class_na
                        exclude: Sequence[str] = ()) -> tuple[dict[str, torch.Tensor], Retrieval]:
     """`predict_batch` with class names: masks (N, H, W) per method and the SemLA Retrieval. Pass the
     target's name as `exclude` for leave-one-out, and as `own` for the oracle."""
-    masks, batch, _ = predict_batch(model, clip, images, embed_class_names(clip, list(class_names)), methods,
+    masks, batch, _ = predict_batch(model, clip, images, class_text(model.model, clip, class_names), methods,
                                     retrieval, fusion, own, exclude)
     return masks, batch.retrieval
 

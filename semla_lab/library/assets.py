@@ -27,6 +27,7 @@ from ..core.io import atomic_write_json
 from ..core.errors import MissingFileError
 from ..core.runtime import assets_dir, resolve_device
 from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter
+from ..models.segmenter_catseg import catseg_path, load_catseg_segmenter
 ARTIFACTS = ("tiny_clip.safetensors", "segmenter.safetensors", "library", "manifest.json")   # commit order
 
 
@@ -52,7 +53,11 @@ def update_manifest(root: Path, key: str, value: dict) -> None:
 
 
 def load_segmenter(path: str | Path | None = None, clip: Clip | None = None, device=None) -> OVSegmenter:
-    """The shipped base segmenter (or one saved by `build`), built around the tiny CLIP architecture."""
+    """The shipped base segmenter (or one saved by `build`), built around the tiny CLIP architecture; a path
+    "catseg:FILE" is a CAT-Seg checkpoint (models/segmenter_catseg.py), which needs no CLIP."""
+    checkpoint = catseg_path(path)
+    if checkpoint is not None:
+        return load_catseg_segmenter(checkpoint).to(resolve_device(device)).eval()
     root = assets_dir()
     path = Path(path) if path else root / "segmenter.safetensors"
     if not path.is_file():
@@ -63,9 +68,12 @@ def load_segmenter(path: str | Path | None = None, clip: Clip | None = None, dev
     return seg.to(resolve_device(device)).eval()
 
 
-def base_model_id(path: Path | None = None, clip_name: str = TINY_CLIP) -> str:
+def base_model_id(path: str | Path | None = None, clip_name: str = TINY_CLIP) -> str:
     """Identity of a segmenter's weights, recorded in every adapter and the library index: the CLIP it
-    is built around and a digest of the weights file."""
+    is built around and a digest of the weights file ("catseg@<digest>" for "catseg:FILE")."""
+    checkpoint = catseg_path(path)
+    if checkpoint is not None:
+        return f"catseg@{file_digest(checkpoint)}"
     path = path or assets_dir() / "segmenter.safetensors"
     model = "semla-tiny" if clip_name == TINY_CLIP else clip_name
     return f"{model}-segmenter@{file_digest(path)}"

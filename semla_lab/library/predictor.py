@@ -19,14 +19,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..models.clip import Clip, embed_class_names, index_embeddings, resize_to_input
+from ..models.clip import Clip, embed_class_names, embedder_input, index_embeddings
 from ..data.datasets import read_image
 from ..core.fusion import FusedAdapters
 from ..core.errors import UsageError
 from .index import lora_scaling
 from ..core.retrieval import DomainIndex, Retrieval, RetrievalConfig
 from ..core.runtime import resolve_device
-from ..models.segmenter import upsample_logits
+from ..models.segmenter import class_text, upsample_logits
 
 
 class LibraryModel:
@@ -38,6 +38,9 @@ class LibraryModel:
         scaling = partial(lora_scaling, library.lora_config)     # per module: alpha_pattern, rank_pattern
         self.library = library
         self.fused = FusedAdapters(self.model, {n: (library.load_adapter_state(n), scaling) for n in library.names()})
+        install = getattr(self.model, "install_fusion", None)     # a segmenter whose layers see images otherwise
+        if install is not None:                                    # (CAT-Seg: segmenter_catseg.py)
+            install(self.fused)
         self.names = self.fused.names
 
     def embed(self, clip: Clip, images: torch.Tensor) -> torch.Tensor:
@@ -155,7 +158,8 @@ class SemLAPredictor:
             raise UsageError("set_image_batch needs at least one image")
         embeddings = None
         if retrieval is None:
-            chunks = [torch.cat([resize_to_input(im[None], self.clip) for im in images[i:i + self.batch_size]])
+            chunks = [torch.cat([embedder_input(im[None], self.clip, self.library.embedder)
+                                 for im in images[i:i + self.batch_size]])
                       for i in range(0, len(images), self.batch_size)]
             embeddings = torch.cat([index_embeddings(self.clip, c, self.library.embedder, batch_size=self.batch_size)
                                     for c in chunks])                          # (N, D)
@@ -170,11 +174,11 @@ class SemLAPredictor:
         return self.index.search(embeddings, self.config, [exclude] if isinstance(exclude, str) else list(exclude),
                                  class_text=class_text)
 
-    def _retrieval_for(self, text: torch.Tensor) -> Retrieval:
-        """The images' retrieval; text-aware retrieval (config.text_weight > 0) is made here, with the class
-        names of the prediction."""
+    def _retrieval_for(self, class_names: list[str]) -> Retrieval:
+        """The images' retrieval; text-aware retrieval (config.text_weight > 0) is made here, with the CLIP text
+        embeddings of the prediction's class names."""
         if self.config.text_weight > 0 and self.embeddings is not None:
-            self.retrieval = self._search(self.embeddings, self._exclude, text)
+            self.retrieval = self._search(self.embeddings, self._exclude, embed_class_names(self.clip, class_names))
         return self.retrieval
 
     @property
@@ -192,10 +196,10 @@ class SemLAPredictor:
     def logits(self, class_names: list[str], adapt: bool = True) -> torch.Tensor:
         """(T, H, W) logits for the current image; `adapt=False` gives the zero-shot base model."""
         self._require_image()
-        text = embed_class_names(self.clip, class_names)
+        text = class_text(self._segmenter, self.clip, class_names)
         if not adapt:
             return self.model.logits(self._images[0][None], text)[0].cpu()
-        retrieval = self._retrieval_for(text)
+        retrieval = self._retrieval_for(class_names)
         return self.model.logits(self._images[0][None], text, retrieval.indices, retrieval.weights,
                                  self.fusion)[0].cpu()
 
@@ -206,8 +210,8 @@ class SemLAPredictor:
     def predict_batch(self, class_names: list[str], adapt: bool = True) -> list[torch.Tensor]:
         """One (H_i, W_i) int64 mask per image set with set_image_batch, `batch_size` images per forward."""
         self._require_image(single=False)
-        text = embed_class_names(self.clip, class_names)
-        retrieval = self._retrieval_for(text) if adapt else None
+        text = class_text(self._segmenter, self.clip, class_names)
+        retrieval = self._retrieval_for(class_names) if adapt else None
         masks = []
         for start in range(0, len(self._images), self.batch_size):
             rows = slice(start, start + self.batch_size)

@@ -162,6 +162,29 @@ def resize_to_input(images: torch.Tensor, clip: Clip) -> torch.Tensor:
     return images
 
 
+CENTER_CROP = "resize-shorter-crop"   # an embedder's "preprocess": the official SemLA embedder's (HF CLIPProcessor)
+
+
+def resize_shorter_and_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, size, size): the shorter side resized to `size` (bicubic, antialiased), then the
+    centre cropped, as Hugging Face's CLIPProcessor prepares images for `get_image_features`."""
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    new = (size, int(w * scale)) if h <= w else (int(h * scale), size)
+    if new != (h, w):
+        images = F.interpolate(images, size=new, mode="bicubic", antialias=True, align_corners=False)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return images[..., top:top + size, left:left + size]
+
+
+def embedder_input(images: torch.Tensor, clip: Clip, embedder: dict) -> torch.Tensor:
+    """(B, 3, H, W) -> (B, 3, S, S) as a library's `embedder` prepares its images: resized to S x S, or (official
+    SemLA libraries, preprocess CENTER_CROP) shorter side to S and centre-cropped."""
+    if embedder.get("preprocess") == CENTER_CROP:
+        return resize_shorter_and_crop(images, clip.image_size)
+    return resize_to_input(images, clip)
+
+
 def prepare_images(images: torch.Tensor, clip: Clip) -> torch.Tensor:
     """(B, 3, H, W) float in [0, 1] (or uint8) -> resized to the model's input size and normalised."""
     if images.dtype == torch.uint8:
@@ -196,13 +219,20 @@ def embed_images(clip: Clip, images: torch.Tensor | Sequence, normalize: bool = 
 
 def index_embeddings(clip: Clip, images: torch.Tensor, embedder: dict, batch_size: int = 64) -> torch.Tensor:
     """Image embeddings (N, D) as a library index built with `embedder` (a Clip.identity) holds them:
-    L2-normalised or not. Centroids are written and queries embedded through here only."""
-    return embed_images(clip, images, normalize=embedder.get("normalize", True), batch_size=batch_size)
+    L2-normalised or not, resized or centre-cropped. Centroids are written and queries embedded through here only."""
+    normalize = embedder.get("normalize", True)
+    if embedder.get("preprocess") != CENTER_CROP:
+        return embed_images(clip, images, normalize=normalize, batch_size=batch_size)
+    chunks = [images[i:i + batch_size] for i in range(0, len(images), batch_size)]
+    out = [embed_images(clip, resize_shorter_and_crop(c.float() / 255.0 if c.dtype == torch.uint8 else c,
+                                                      clip.image_size), normalize, batch_size) for c in chunks]
+    return torch.cat(out) if out else torch.zeros(0, clip.embed_dim)
 
 
 def check_embedder(clip: Clip, embedder: dict, where: str) -> None:
     """A UsageError unless `clip` is the embedding model recorded in `embedder` (a library's)."""
-    if clip.identity(embedder.get("normalize", True)) != embedder:
+    preprocess = {"preprocess": embedder["preprocess"]} if "preprocess" in embedder else {}
+    if {**clip.identity(embedder.get("normalize", True)), **preprocess} != embedder:
         raise UsageError(f"{where} was built with embedder {embedder}, not {clip.identity()}")
 
 

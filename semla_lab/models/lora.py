@@ -105,6 +105,22 @@ def target_liveness(module: nn.Module, inputs: tuple, names: list[str], r: int =
     return {n: lora_output_change(module, inputs, [n], r) if n in linears else None for n in names}
 
 
+def called_fused_targets(fused, run) -> list[str]:
+    """The LoRA targets of a FusedAdapters (core/fusion.py) that `run()` (a forward under a selection) calls as
+    modules: the targets whose adapters act. A target whose weight the model reads directly (CAT-Seg's attention
+    projections) is never called, so its adapters change nothing."""
+    called: set[str] = set()
+    hooks = [fused.model.get_submodule(path).register_forward_hook(lambda *_, path=path: called.add(path))
+             for path in fused.layers]          # the module installed there (a wrapper of the fused layer, or it)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return sorted(called)
+
+
 def load_adapter(segmenter: nn.Module, adapter_dir: str | Path):
     """A peft model: a copy of `segmenter` with the adapter saved in `adapter_dir`, in eval mode."""
     from peft import PeftModel

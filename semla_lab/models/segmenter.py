@@ -155,6 +155,16 @@ def upsample_logits(coarse: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
     return F.interpolate(coarse, size=tuple(size), mode="bilinear", align_corners=False)
 
 
+def class_text(segmenter: nn.Module, clip, class_names) -> torch.Tensor:
+    """The class text a segmenter takes for `class_names`: its own (`segmenter.class_text`: CAT-Seg's prompt
+    tokens, encoded by its own text tower) when it has one, else the CLIP text embeddings (T, D) (embed_class_names)."""
+    own = getattr(segmenter, "class_text", None)
+    if own is not None:
+        return own(list(class_names))
+    from .clip import embed_class_names
+    return embed_class_names(clip, list(class_names))
+
+
 def build_segmenter(clip_model: nn.Module, head_cfg: HeadConfig = HeadConfig()) -> OVSegmenter:
     """A segmenter around a copy of a CLIP model's visual tower (the CLIP itself stays untouched)."""
     import copy

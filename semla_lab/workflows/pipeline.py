@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from ..library.assets import base_model_id, load_segmenter, save_weights, update_manifest
 from ..models.clip import (
-    TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
+    CENTER_CROP, TINY_CLIP, Clip, check_embedder, embed_class_names, embed_images, index_embeddings, load_clip
 )
 from ..core.engine import Engine
 from ..core.errors import UsageError
@@ -43,7 +43,8 @@ from ..library.index import AdapterLibrary
 from ..evaluation.methods import check_methods
 from ..library.predictor import LibraryModel
 from ..core.runtime import resolve_device
-from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter
+from ..models.segmenter import HeadConfig, OVSegmenter, build_segmenter, class_text
+from ..models.segmenter_catseg import catseg_path
 from ..data.sources import class_name_choices, domain_name, load_split
 from ..data.split import Split
 from ..training.train import (
@@ -73,11 +74,21 @@ class Models:
         return replace(self, device="cuda") if gpus and self.device.startswith("cuda") else self
 
 
+def library_pretrained(library: AdapterLibrary) -> str | None:
+    """The open_clip pretrained tag a library's embedder was loaded with (e.g. "openai" for official SemLA
+    libraries), or None when it came from a file or random weights."""
+    import open_clip
+    emb = library.embedder
+    tag = emb.get("pretrained")
+    return tag if tag in open_clip.list_pretrained_tags_by_model(emb.get("model", "")) else None
+
+
 def _stamp(path: str | None) -> tuple:
     """A file's identity for caching: a rebuilt file at the same path is a different model."""
-    if path is None or not Path(path).exists():
+    file = catseg_path(path) or (Path(path) if path is not None else None)
+    if file is None or not file.exists():
         return (path,)
-    st = Path(path).stat()
+    st = file.stat()
     return path, st.st_size, st.st_mtime_ns
 
 
@@ -151,7 +162,7 @@ def train_staged(segmenter: OVSegmenter, clip: Clip, data: Split, folder: Path, 
                  progress: bool = False) -> dict:
     """Train one adapter on `data` into folder/adapter (peft format) with its centroid in folder/CENTROID,
     and return what the library records with it."""
-    info = train_adapter(segmenter, embed_class_names(clip, data.class_names), data.images, data.labels,
+    info = train_adapter(segmenter, class_text(segmenter, clip, data.class_names), data.images, data.labels,
                          folder / "adapter", base_model, cfg, device, progress, replay)
     centroid = index_embeddings(clip, data.images, embedder).mean(0)
     save_file({"centroid": centroid.contiguous()}, str(folder / CENTROID))
@@ -239,9 +250,19 @@ def staging_folder(near: Path):
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfig) -> AdapterLibrary:
-    """The library at `out`, created (atomically: built beside, renamed in) when absent. An existing one
-    must have been built for the same CLIP, segmenter and LoRA shape; building into it resumes it."""
+def library_embedder(clip: Clip, segmenter: str | None) -> dict:
+    """The embedder a new library records: `clip`, L2-normalised and resized; on a CAT-Seg base ("catseg:FILE")
+    the official SemLA embedder's conventions (unnormalised features, centre crop), as official libraries use."""
+    if catseg_path(segmenter) is None:
+        return clip.identity()
+    return {**clip.identity(normalize=False), "preprocess": CENTER_CROP}
+
+
+def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfig,
+                 embedder: dict | None = None) -> AdapterLibrary:
+    """The library at `out`, created (atomically: built beside, renamed in) when absent, recording `embedder`
+    (default: clip.identity()). An existing one must have been built for the same CLIP, segmenter and LoRA
+    shape; building into it resumes it."""
     out = Path(out)
     if (out / "index.json").is_file():
         library = AdapterLibrary(out)
@@ -256,8 +277,9 @@ def open_library(out: str | Path, clip: Clip, base_model: str, cfg: AdapterConfi
         raise UsageError(f"{out} exists and is neither an adapter library nor an empty folder; choose a new one")
     fresh = out.parent / f".{out.name}.new-{secrets.token_hex(4)}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    AdapterLibrary.create(fresh, embedder=clip.identity(), base_model=base_model,
-                          lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules})
+    targets = cfg.target_modules if isinstance(cfg.target_modules, str) else list(cfg.target_modules)
+    AdapterLibrary.create(fresh, embedder=embedder or clip.identity(), base_model=base_model,
+                          lora={"r": cfg.r, "lora_alpha": cfg.lora_alpha, "target_modules": targets})
     if out.exists():
         out.rmdir()
     fresh.rename(out)
@@ -275,8 +297,8 @@ def add_domains(sources: Sequence[str], out: str | Path, models: Models = Models
     out = Path(out)
     engine = engine or Engine()
     clip, _ = load_models(models)
-    base = base_model_id(Path(models.segmenter) if models.segmenter else None, models.clip)
-    library = open_library(out, clip, base, cfg)
+    base = base_model_id(models.segmenter, models.clip)
+    library = open_library(out, clip, base, cfg, library_embedder(clip, models.segmenter))
     cfg = adapter_recipe(library, cfg)
     held = set(library.names())
     names = [domain_name(s) for s in sources]
