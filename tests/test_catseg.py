@@ -23,6 +23,7 @@ from semla_lab.models.catseg import (
     lora_targets,
     random_lora_state,
 )
+from semla_lab.models.catseg.checkpoint import official_state_dict
 from semla_lab.models.catseg.clip import ResidualAttentionBlock
 from semla_lab.models.catseg.inference import model_input
 from semla_lab.models.catseg.model import prompts, tokenize
@@ -127,12 +128,6 @@ def _duplicate_first_guidance(forward):
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
-def official_layout(state: dict) -> dict:
-    """Our state in the released checkpoints' layout: attention weights as attn.{q,k,v}_proj_weight."""
-    return {k.replace("_proj.weight", "_proj_weight") if ".attn." in k and k.split(".")[-2][:1] in "qkv"
-            and k.split(".")[-2].endswith("_proj") else k: v for k, v in state.items()}
-
-
 @pytest.fixture(scope="module")
 def reduced_b():
     return build_catseg(CATSegConfig.reduced("B"), seed=3)
@@ -141,7 +136,7 @@ def reduced_b():
 @pytest.fixture(scope="module")
 def checkpoint(reduced_b, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model_final.pth"
-    torch.save({"model": official_layout(reduced_b.state_dict()), "iteration": 80000}, path)
+    torch.save({"model": official_state_dict(reduced_b, tied_duplicates=False), "iteration": 80000}, path)
     return path
 
 
