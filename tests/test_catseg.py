@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from semla_lab.cli import main
 from semla_lab.core.fusion import FusedAdapters
 from semla_lab.models.catseg import (
+    CATSeg,
     CATSegConfig,
     CheckpointError,
     acting_targets,
@@ -125,6 +126,19 @@ def _duplicate_first_guidance(forward):
         tokens, guidance = forward(images, guidance_layers)
         return tokens, [guidance[0], guidance[0]]
     return wrapped
+
+
+@pytest.mark.parametrize("variant, keys, millions, targets, acting", [("B", 556, 154.3, 154, 82),
+                                                                     ("L", 760, 433.7, 214, 106)])
+def test_full_variants_have_the_official_structure(variant, keys, millions, targets, acting):
+    """Key count (SemLA's layout), parameters and official LoRA targets of the full models, as measured on the
+    official code (built on the meta device: no memory, no time)."""
+    cfg = CATSegConfig.vit_b16() if variant == "B" else CATSegConfig.vit_l14()
+    with torch.device("meta"):
+        model = CATSeg(cfg)
+    assert len(official_state_dict(model)) == keys
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+    assert (len(lora_targets(model)), len(acting_targets(lora_targets(model)))) == (targets, acting)
 
 
 # ---- checkpoints ----------------------------------------------------------------------------------------
