@@ -94,17 +94,23 @@ class CATSeg(nn.Module):
         logits (B, T, 4 g, 4 g) for the g x g token grid (96 x 96), before the official sigmoid."""
         B = images.shape[0]
         clip = self.clip_model
+        assert images.shape[-1] == self.cfg.image_size, f"resize images to {self.cfg.image_size} (inference.model_input)"
         if isinstance(classes, torch.Tensor):
             text = classes if classes.dim() == 4 else classes[None]
         else:
             text = self.encode_text(classes, copies=B if self._text_tower_fused() else 1)
         text = text.expand(B, -1, -1, -1).to(images.dtype)
         tokens, guidance = clip.visual(images, self.cfg.guidance_layers)
-        g = self.cfg.feature_resolution
-        grid = lambda t: t[:, 1:].transpose(1, 2).reshape(B, -1, g, g)        # (B, C, g, g)
-        dense = grid(tokens)                                                     # (B, E, g, g)
-        maps = [dense, self.upsample1(grid(guidance[0])), self.upsample2(grid(guidance[1]))]
+        dense = token_grid(tokens)                                               # (B, E, g, g)
+        maps = [dense, self.upsample1(token_grid(guidance[0])), self.upsample2(token_grid(guidance[1]))]
         return self.sem_seg_head.predictor.transformer(dense, text, maps)
+
+
+def token_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + g*g, C) tokens, class token first -> (B, C, g, g) map of the patch tokens."""
+    B, n, C = tokens.shape
+    g = round((n - 1) ** 0.5)
+    return tokens[:, 1:].transpose(1, 2).reshape(B, C, g, g)
 
 
 def _fill_random(model: nn.Module, generator: torch.Generator) -> None:
