@@ -19,14 +19,17 @@ from semla_lab.models.catseg import (
     CheckpointError,
     acting_targets,
     build_catseg,
+    called_targets,
     catseg_scores,
+    golden_differences,
     load_catseg,
+    load_golden,
     lora_targets,
-    random_lora_state,
+    stage_shapes,
 )
 from semla_lab.models.catseg.checkpoint import official_state_dict
 from semla_lab.models.catseg.clip import ResidualAttentionBlock
-from semla_lab.models.catseg.inference import model_input
+from semla_lab.models.catseg.golden import golden_logits, golden_model
 from semla_lab.models.catseg.model import prompts, tokenize
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -34,23 +37,7 @@ TOL = 1e-4
 
 
 def fixture(variant: str):
-    meta = json.loads((GOLDEN / f"catseg_{variant}.json").read_text())
-    return meta, load_file(str(GOLDEN / f"catseg_{variant}.safetensors"))
-
-
-def logits(model, tensors, classes):
-    with torch.no_grad():
-        return model(model_input(model, tensors["images"]), classes)
-
-
-def fused_model(meta):
-    """Our CAT-Seg with the fixture's two adapters installed for per-image fusion."""
-    model = build_catseg(CATSegConfig.reduced(meta["variant"]), meta["seed"])
-    targets = lora_targets(model)
-    assert len(targets) == meta["targets"]
-    adapters = {f"a{i}": (random_lora_state(model, targets, meta["rank"], seed), meta["alpha"] / meta["rank"])
-                for i, seed in enumerate(meta["adapter_seeds"])}
-    return model, FusedAdapters(model, adapters)
+    return load_golden(GOLDEN, variant)
 
 
 @pytest.mark.parametrize("variant", ["B", "L"])
@@ -58,7 +45,7 @@ def test_logits_equal_the_official_model(variant):
     meta, t = fixture(variant)
     model = build_catseg(CATSegConfig.reduced(variant), meta["seed"])
     assert torch.equal(tokenize(prompts(meta["classes"])).int(), t["tokens"])
-    diff = (logits(model, t, meta["classes"]) - t["logits"]).abs().max()
+    diff = (golden_logits(model, t, meta["classes"]) - t["logits"]).abs().max()
     assert diff <= TOL, f"max |logit difference| {diff:.2e}"
 
 
@@ -67,13 +54,44 @@ def test_per_image_fusion_equals_the_official_peft_path(variant):
     """Two images in one batch, each with its own adapter weights, against peft add_weighted_adapter(cat) run
     image by image on the official model."""
     meta, t = fixture(variant)
-    model, fused = fused_model(meta)
+    model, fused = golden_model(meta)
     weights = torch.tensor(meta["adapter_weights"])
     with fused.select(torch.tensor([[0, 1]] * len(weights)), weights):
-        out = logits(model, t, meta["classes"])
+        out = golden_logits(model, t, meta["classes"])
     assert (t["fused_logits"] - t["logits"]).abs().max() > 100 * TOL      # the adapters matter
     diff = (out - t["fused_logits"]).abs().max()
     assert diff <= TOL, f"max |fused logit difference| {diff:.2e}"
+
+
+@pytest.mark.parametrize("variant", ["B", "L"])
+def test_golden_differences_measure_the_fixture(variant, monkeypatch):
+    """The package's check (what notebook 09 runs) reports both differences within tolerance, and a large one
+    once a layer of ours changes."""
+    meta, t = fixture(variant)
+    assert max(golden_differences(meta, t).values()) <= TOL
+    monkeypatch.setattr(ResidualAttentionBlock, "forward_dense", ResidualAttentionBlock.forward)
+    assert min(golden_differences(meta, t).values()) > 100 * TOL
+
+
+def test_stage_shapes_follow_the_data_through_the_model():
+    model = build_catseg(CATSegConfig.reduced("B"), seed=0)
+    shapes = stage_shapes(model, torch.zeros(2, 3, 384, 384), ["road", "sky", "car"])
+    assert shapes["dense CLIP tokens"] == (2, 1 + 24 * 24, 64)
+    assert shapes["guidance block 2 tokens"] == (2, 1 + 24 * 24, 128)
+    assert shapes["decoder guidance 1"] == (2, 256, 48, 48)
+    assert shapes["cost volume (B*T, P, h, w)"] == (2 * 3, 1, 24, 24)
+    assert shapes["aggregated cost (B, C, T, h, w)"] == (2, 32, 3, 24, 24)
+    assert shapes["logits"] == (2, 3, 96, 96)
+    assert not model.sem_seg_head.predictor.transformer.conv1._forward_hooks       # hooks removed
+
+
+def test_called_targets_are_the_acting_ones():
+    """A forward calls exactly the targets acting_targets names: CLIP's attn.{q,k,v}_proj never run."""
+    model = build_catseg(CATSegConfig.reduced("B"), seed=0)
+    targets = lora_targets(model)
+    called = called_targets(model, targets, torch.zeros(1, 3, 384, 384), ["road", "sky"])
+    assert called == acting_targets(targets) and len(called) < len(targets)
+    assert not any(m._forward_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("variant", ["B", "L"])
@@ -98,12 +116,12 @@ def test_inert_targets_are_those_of_the_official_model():
     assert sorted(acting_targets(targets)) == meta["acting_targets"]
     inert = sorted(set(targets) - set(acting_targets(targets)))
     assert inert == meta["inert_targets"]
-    base = logits(model, t, meta["classes"])
+    base = golden_logits(model, t, meta["classes"])
     for names, acts in ((inert, False), (acting_targets(targets)[:1], True)):
         torch.manual_seed(0)
         peft_model = get_peft_model(build_catseg(CATSegConfig.reduced("B"), meta["seed"]),
                                     LoraConfig(r=4, lora_alpha=4, target_modules=names, init_lora_weights=False))
-        change = (logits(peft_model.base_model.model, t, meta["classes"]) - base).abs().max()
+        change = (golden_logits(peft_model.base_model.model, t, meta["classes"]) - base).abs().max()
         assert (change > 0) == acts, (names[0], float(change))
 
 
@@ -118,7 +136,7 @@ def test_a_changed_layer_fails_the_comparison(change, monkeypatch):
     if change == "official training guidance":
         visual = model.clip_model.visual
         monkeypatch.setattr(visual, "forward", _duplicate_first_guidance(visual.forward))
-    assert (logits(model, t, meta["classes"]) - t["logits"]).abs().max() > 100 * TOL
+    assert (golden_logits(model, t, meta["classes"]) - t["logits"]).abs().max() > 100 * TOL
 
 
 def _duplicate_first_guidance(forward):

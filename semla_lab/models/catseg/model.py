@@ -139,3 +139,32 @@ def build_catseg(cfg: CATSegConfig, seed: int | None = None) -> CATSeg:
         generator.manual_seed(seed)
     _fill_random(model, generator)
     return model.eval()
+
+
+@torch.no_grad()
+def stage_shapes(model: CATSeg, images: torch.Tensor, classes: list[str]) -> dict[str, tuple[int, ...]]:
+    """The tensor shape at each stage of one forward (read by forward hooks): model input images (B, 3, S, S)
+    and T class names -> {stage: shape}, in the order the data flows."""
+    pred, shapes = model.sem_seg_head.predictor, {}
+
+    def record(*names, inputs=False):
+        def hook(module, args, out):
+            values = args if inputs else (out if isinstance(out, tuple) else (out,))
+            for name, value in zip(names, values):
+                for i, v in enumerate(value if isinstance(value, list) else [value]):
+                    shapes[name.format(i + 1)] = tuple(v.shape)
+        return hook
+
+    hooks = [pred.clip_model.visual.register_forward_hook(record("dense CLIP tokens", "guidance block {} tokens")),
+             pred.transformer.text_guidance_projection.register_forward_hook(record("text embeddings", inputs=True)),
+             model.upsample1.register_forward_hook(record("decoder guidance 1")),
+             model.upsample2.register_forward_hook(record("decoder guidance 2")),
+             pred.transformer.conv1.register_forward_hook(record("cost volume (B*T, P, h, w)", inputs=True)),
+             pred.transformer.layers[-1].register_forward_hook(record("aggregated cost (B, C, T, h, w)")),
+             pred.transformer.decoder2.register_forward_hook(record("decoder output (B*T, C, 4h, 4w)"))]
+    try:
+        shapes["logits"] = tuple(model(images, classes).shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes
