@@ -2,7 +2,6 @@
 modules with the same seeded weights), and its checkpoint loading."""
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -12,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from semla_lab.cli import main
-from semla_lab.core.fusion import FusedAdapters
 from semla_lab.models.catseg import (
     CATSeg,
     CATSegConfig,
