@@ -1,10 +1,11 @@
 """Golden outputs of the official CAT-Seg, for tests/test_catseg.py.
 
-    python tests/golden/make_catseg_golden.py OFFICIAL_CHECKOUT [--variants B L] [--checkpoint-dir DIR]
+    python tests/golden/make_catseg_golden.py OFFICIAL_CHECKOUT [--variants B L] [--out DIR] [--checkpoint-dir DIR]
 
-OFFICIAL_CHECKOUT is a checkout of rezaqorbani/SemLA (its catseg/ folder) or of the CAT-Seg repository. The
-official modules are imported from it at run time (never copied); detectron2, which is not installable here,
-is replaced by stubs of the few names the model imports, and `clip.load` by a constructor (no download).
+OFFICIAL_CHECKOUT is a checkout of rezaqorbani/SemLA: the CAT-Seg in its catseg/ folder, whose attention has the
+q/k/v Linear modules the official LoRA targets name. The official modules are imported from it at run time
+(never copied); detectron2, which is not installable here, is replaced by stubs of the few names the model
+imports, and `clip.load` by a constructor (no download).
 
 For each reduced configuration (semla_lab CATSegConfig.reduced): the weights are semla_lab's seeded
 `build_catseg(cfg, SEED)` state dict written in the official key layout (optionally saved as a detectron2
@@ -13,7 +14,9 @@ the CLIP tokens of the prompts; the head's logits for a batch of two images; the
 postprocessed) with and without the sliding window; per image, the logits under peft
 `add_weighted_adapter(combination_type="cat")` of two seeded random adapters on the official LoRA targets (the
 text cache reset before each image); and, per official target, whether a LoRA on it alone changes the logits.
-The fixture holds seeds and outputs only: catseg_<variant>.json, catseg_<variant>.safetensors (inputs,
+The official `clip.load` rounds CLIP's matrices to fp16 before the checkpoint overwrites them; here the
+complete state dict is loaded after construction, so no rounding is involved. The fixture holds seeds and
+outputs only: catseg_<variant>.json, catseg_<variant>.safetensors (inputs,
 logits) and catseg_<variant>_scores.safetensors (official scores), each well under 1 MB.
 """
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from semla_lab.models.catseg import CATSegConfig, build_catseg
+from semla_lab.models.catseg.checkpoint import official_state_dict
 from semla_lab.models.catseg.model import prompts
 from semla_lab.models.catseg.targets import lora_targets, random_lora_state
 
@@ -40,6 +44,8 @@ ADAPTER_SEEDS = (1, 2)
 ADAPTER_WEIGHTS = ((0.7, 0.3), (0.2, 0.8))      # per image
 RANK, ALPHA = 8, 16
 CLASSES = ["road", "sky, heaven", "car"]
+INERT_BELOW = 1e-5          # a LoRA that is never called changes nothing; the rest is float noise (MKL may
+                            # sum in another order from one allocation to the next)
 IMAGE_SIZE = (100, 150)                          # above 96 px: the official postprocess crop is a no-op
 
 
@@ -160,18 +166,6 @@ def official_model(ns, cfg: CATSegConfig, tmp: Path):
     return model.eval()
 
 
-def official_state(state: dict) -> dict:
-    """semla_lab's state dict in the official layout: each `attn.{q,k,v}_proj.weight` also as the
-    nn.MultiheadAttention parameter `attn.{q,k,v}_proj_weight` (the official model ties the two)."""
-    out = {}
-    for key, value in state.items():
-        out[key] = value
-        for m in "qkv":
-            if key.endswith(f".attn.{m}_proj.weight"):
-                out[key.replace(f"{m}_proj.weight", f"{m}_proj_weight")] = value
-    return out
-
-
 # ---- running it ------------------------------------------------------------------------------------------
 def run(model, imgs, sliding=False):
     """The official eval forward on a batch: (head logits (B, T, 96, 96), sem_seg of image 0 (T, H, W))."""
@@ -211,11 +205,11 @@ def liveness(new_model, imgs, targets):
     return change
 
 
-def make(ns, variant: str, checkpoint_dir: Path | None, with_liveness: bool) -> None:
+def make(ns, variant: str, out: Path, checkpoint_dir: Path | None, with_liveness: bool) -> None:
     from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
     cfg = CATSegConfig.reduced(variant)
     ours = build_catseg(cfg, SEED)
-    state = official_state(ours.state_dict())
+    state = official_state_dict(ours)    # SemLA's layout: with the tied q/k/v duplicates
 
     def new_model():      # a fresh one each time: the official hooks of a deepcopy feed the original's list
         with tempfile.TemporaryDirectory() as tmp:
@@ -251,14 +245,16 @@ def make(ns, variant: str, checkpoint_dir: Path | None, with_liveness: bool) -> 
             "peft": __import__("peft").__version__, "torch": torch.__version__}
     if with_liveness:
         change = liveness(new_model, imgs, targets)
-        meta["acting_targets"] = sorted(n for n, c in change.items() if c > 0)
-        meta["inert_targets"] = sorted(n for n, c in change.items() if c == 0)
+        meta["acting_targets"] = sorted(n for n, c in change.items() if c > INERT_BELOW)
+        meta["inert_targets"] = sorted(n for n, c in change.items() if c <= INERT_BELOW)
+        meta["largest_inert_change"] = max([c for c in change.values() if c <= INERT_BELOW], default=None)
+        meta["smallest_acting_change"] = min(c for c in change.values() if c > INERT_BELOW)
     tensors = {"images": imgs, "tokens": tokens.to(torch.int32), "logits": logits, "fused_logits": fused}
     scores = {"scores": scores, "scores_sliding": scores_sliding}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(HERE / f"catseg_{variant}.safetensors"))
-    save_file({k: v.contiguous() for k, v in scores.items()}, str(HERE / f"catseg_{variant}_scores.safetensors"))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"catseg_{variant}.safetensors"))
+    save_file({k: v.contiguous() for k, v in scores.items()}, str(out / f"catseg_{variant}_scores.safetensors"))
     tensors.update(scores)
-    (HERE / f"catseg_{variant}.json").write_text(json.dumps(meta, indent=1) + "\n")
+    (out / f"catseg_{variant}.json").write_text(json.dumps(meta, indent=1) + "\n")
     print(variant, {k: tuple(v.shape) for k, v in tensors.items()},
           f"acting {len(meta.get('acting_targets', []))} / {len(targets)}")
 
@@ -267,13 +263,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("checkout", type=Path)
     p.add_argument("--variants", nargs="+", default=["B", "L"])
+    p.add_argument("--out", type=Path, default=HERE, help="fixture folder (default: tests/golden)")
     p.add_argument("--checkpoint-dir", type=Path, help="also write each reduced model as a detectron2 checkpoint")
     p.add_argument("--no-liveness", action="store_true", help="skip the per-target liveness sweep (slow)")
     args = p.parse_args()
     torch.set_num_threads(1)
     ns = import_official(args.checkout)
     for variant in args.variants:
-        make(ns, variant, args.checkpoint_dir, not args.no_liveness)
+        make(ns, variant, args.out, args.checkpoint_dir, not args.no_liveness)
 
 
 if __name__ == "__main__":

@@ -108,6 +108,22 @@ def load_catseg(path: str | Path, semla_recipe: bool = False) -> CATSeg:
     return model.eval()
 
 
+def official_state_dict(model_or_state: CATSeg | dict[str, torch.Tensor],
+                        tied_duplicates: bool = True) -> dict[str, torch.Tensor]:
+    """Our weights in the official key layout, the inverse of `canonical_state`: each `attn.{q,k,v}_proj.weight`
+    as the official `attn.{q,k,v}_proj_weight`; with `tied_duplicates` also kept under its own name, as SemLA's
+    copy of CAT-Seg holds it (without: the layout of the released CAT-Seg checkpoints)."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    out = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"(.*\.attn\.[qkv]_proj)\.weight", key)
+        if m:
+            out[f"{m.group(1)}_weight"] = value
+        if not m or tied_duplicates:
+            out[key] = value
+    return out
+
+
 def save_catseg_safetensors(model_or_state: CATSeg | dict[str, torch.Tensor], path: str | Path) -> None:
     """Write a CATSeg's weights (our key names) as one safetensors file, atomically."""
     from safetensors.torch import save

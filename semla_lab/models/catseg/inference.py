@@ -85,7 +85,7 @@ def catseg_scores(model: nn.Module, image: torch.Tensor, classes: list[str] | to
     None follows model.cfg. Under per-image LoRA fusion, the sliding window runs 5 crops of this one image as a
     batch: select the image's adapters for 5 rows."""
     H, W = image.shape[-2:]
-    resized = test_resize(image, min_size, max_size)
+    resized = test_resize(image, min_size, max_size).to(next(model.parameters()).device)
     sliding = model.cfg.sliding_window if sliding_window is None else sliding_window
     scores = (_sliding if sliding else _whole)(model, resized, classes)
     return F.interpolate(scores[None], size=(H, W), mode="bilinear", align_corners=False)[0]

@@ -94,17 +94,23 @@ class CATSeg(nn.Module):
         logits (B, T, 4 g, 4 g) for the g x g token grid (96 x 96), before the official sigmoid."""
         B = images.shape[0]
         clip = self.clip_model
+        assert images.shape[-1] == self.cfg.image_size, f"resize images to {self.cfg.image_size} (inference.model_input)"
         if isinstance(classes, torch.Tensor):
             text = classes if classes.dim() == 4 else classes[None]
         else:
             text = self.encode_text(classes, copies=B if self._text_tower_fused() else 1)
         text = text.expand(B, -1, -1, -1).to(images.dtype)
         tokens, guidance = clip.visual(images, self.cfg.guidance_layers)
-        g = self.cfg.feature_resolution
-        grid = lambda t: t[:, 1:].transpose(1, 2).reshape(B, -1, g, g)        # (B, C, g, g)
-        dense = grid(tokens)                                                     # (B, E, g, g)
-        maps = [dense, self.upsample1(grid(guidance[0])), self.upsample2(grid(guidance[1]))]
+        dense = token_grid(tokens)                                               # (B, E, g, g)
+        maps = [dense, self.upsample1(token_grid(guidance[0])), self.upsample2(token_grid(guidance[1]))]
         return self.sem_seg_head.predictor.transformer(dense, text, maps)
+
+
+def token_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + g*g, C) tokens, class token first -> (B, C, g, g) map of the patch tokens."""
+    B, n, C = tokens.shape
+    g = round((n - 1) ** 0.5)
+    return tokens[:, 1:].transpose(1, 2).reshape(B, C, g, g)
 
 
 def _fill_random(model: nn.Module, generator: torch.Generator) -> None:
@@ -133,3 +139,32 @@ def build_catseg(cfg: CATSegConfig, seed: int | None = None) -> CATSeg:
         generator.manual_seed(seed)
     _fill_random(model, generator)
     return model.eval()
+
+
+@torch.no_grad()
+def stage_shapes(model: CATSeg, images: torch.Tensor, classes: list[str]) -> dict[str, tuple[int, ...]]:
+    """The tensor shape at each stage of one forward (read by forward hooks): model input images (B, 3, S, S)
+    and T class names -> {stage: shape}, in the order the data flows."""
+    pred, shapes = model.sem_seg_head.predictor, {}
+
+    def record(*names, inputs=False):
+        def hook(module, args, out):
+            values = args if inputs else (out if isinstance(out, tuple) else (out,))
+            for name, value in zip(names, values):
+                for i, v in enumerate(value if isinstance(value, list) else [value]):
+                    shapes[name.format(i + 1)] = tuple(v.shape)
+        return hook
+
+    hooks = [pred.clip_model.visual.register_forward_hook(record("dense CLIP tokens", "guidance block {} tokens")),
+             pred.transformer.text_guidance_projection.register_forward_hook(record("text embeddings", inputs=True)),
+             model.upsample1.register_forward_hook(record("decoder guidance 1")),
+             model.upsample2.register_forward_hook(record("decoder guidance 2")),
+             pred.transformer.conv1.register_forward_hook(record("cost volume (B*T, P, h, w)", inputs=True)),
+             pred.transformer.layers[-1].register_forward_hook(record("aggregated cost (B, C, T, h, w)")),
+             pred.transformer.decoder2.register_forward_hook(record("decoder output (B*T, C, 4h, 4w)"))]
+    try:
+        shapes["logits"] = tuple(model(images, classes).shape)
+    finally:
+        for h in hooks:
+            h.remove()
+    return shapes

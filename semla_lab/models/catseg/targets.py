@@ -57,3 +57,17 @@ def random_lora_state(model: nn.Module, targets: list[str], r: int, seed: int, s
         state[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, linear.in_features, generator=generator) * std
         state[f"base_model.model.{name}.lora_B.weight"] = torch.randn(linear.out_features, r, generator=generator) * std
     return state
+
+
+@torch.no_grad()
+def called_targets(model: nn.Module, targets: list[str], images: torch.Tensor, classes: list[str]) -> list[str]:
+    """The targets that one forward of `model` on `images` and `classes` actually calls (forward hooks), in the
+    given order: a LoRA on any other target cannot change the output."""
+    called = set()
+    hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: called.add(n)) for n in targets]
+    try:
+        model(images, classes)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [n for n in targets if n in called]
