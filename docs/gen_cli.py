@@ -27,7 +27,7 @@ semla-lab ablate --k 1,3,5,10 --tau 0.05,0.2 --out runs/ablate
 semla-lab tune --out runs/tune                 # choose tau and K on selection domains, report on the others
 semla-lab transfer --out runs/transfer         # every adapter alone on every target
 semla-lab build-library --out runs/library --domains nyu ade   # rerun to resume an interrupted build
-semla-lab add-domain --library runs/library --domain my_domain.yaml
+semla-lab add-domain --library runs/library --domains my_domain.yaml
 semla-lab analyze photos/ --out runs/shift --classes road,car,sky,person   # your own images: report.html
 semla-lab segment street.jpg --classes road,car,sky --out overlay.png --explain
 semla-lab build all                            # rebuild the shipped artifacts from scratch (make assets)

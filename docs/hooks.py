@@ -1,4 +1,4 @@
-"""mkdocs hooks: keep the site self-contained, and list the optional CAT-Seg page where the checkout has it.
+"""mkdocs hooks: keep the site self-contained.
 
 The site reads offline and leaves a browser's console clean. Notebooks saved with widget state (05's sliders, 12's
 progress bars) make nbconvert add a loader that fetches the Jupyter widget manager from a CDN; without a kernel the
@@ -21,17 +21,6 @@ MATHJAX_FONTS = ('<script>window.MathJax = {"HTML-CSS": {availableFonts: [], pre
 # source that no system has plays the same part without a request.
 BLANK_FONT = ("src:\"url('about:blank')\"", "src:\"local('MathJax_Blank')\"")
 MATHJAX_CONFIG = "config/TeX-AMS-MML_HTMLorMML-full.js"
-OPTIONAL_PAGES = {"real-data-catseg.md": ("Using it", "CAT-Seg on real data")}
-
-
-def on_config(config):
-    for page, (section, title) in OPTIONAL_PAGES.items():
-        listed = any(page in str(entry) for entry in config["nav"])
-        if (Path(config["docs_dir"]) / page).is_file() and not listed:
-            for entry in config["nav"]:
-                if section in entry:
-                    entry[section].append({title: page})
-    return config
 
 
 def on_post_build(config):

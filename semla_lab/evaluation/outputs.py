@@ -111,7 +111,7 @@ def semla_wins(results: dict, over: str = "uniform") -> tuple[int, int]:
     return sum(a[d] > b[d] for d in a), len(a)
 
 
-# The paper's results (arXiv 2503.21780; 20 domains, CAT-Seg ViT-B/16): harmonic mean of per-domain mIoU, from
+# The paper's results (arXiv 2503.21780; 20 domains, CAT-Seg ViT-L/14): harmonic mean of per-domain mIoU, from
 # its Table 1 and, for the two late-fusion methods, its fusion ablation.
 PAPER_HMEAN = {"zero_shot": 39.4, "uniform": 51.9, "semla": 54.2, "oracle": 61.1,
                "semla_late": 52.1, "uniform_late": 49.3}
