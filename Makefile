@@ -1,5 +1,6 @@
 # The commands of the README: `make demo`, `make test` and `make lab` (and `make site`). All install into .venv first.
-# `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check).
+# `make test` also builds the wheel and runs it from its own venv, outside the checkout (.ci/wheel_check), and runs
+# the notebooks two at a time (each kernel on one thread), one notebook per worker.
 # `make assets RAY=1` trains the library's adapters as Ray tasks on a local cluster (RAY_ADDRESS: a running one).
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -25,7 +26,8 @@ demo: $(STAMP)
 test: $(STAMP) wheel-check
 	$(PY) -m ruff check semla_lab tests benchmarks
 	$(PY) -m pytest tests
-	$(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg --nbval-current-env -p no:cacheprovider notebooks
+	$(PY) -m pytest --nbval-lax --nbval-sanitize-with notebooks/sanitize.cfg --nbval-current-env -p no:cacheprovider \
+		-n 2 --dist loadfile notebooks
 
 wheel-check: $(STAMP)
 	PYTHON=$(PY) .ci/wheel_check
