@@ -119,6 +119,8 @@ JOINS = """
 import sys
 import ray
 from semla_lab.core.engine import Engine
+from semla_lab.core.runtime import configure_threads
+configure_threads(1)          # as the semla-lab command does: each task then reserves one CPU
 with Engine(address=sys.argv[1]) as engine:
     print(ray.cluster_resources()["CPU"], dict(engine.map(abs, [-3])))
 """

@@ -32,6 +32,6 @@ def test_notebook_07_fails_when_the_benchmark_no_longer_supports_its_prose(tmp_p
         cwd=tmp_path, capture_output=True, text=True, timeout=600,
         env={**os.environ, "SEMLA_ASSETS": str(assets), "SEMLA_THREADS": "1"})
     out = re.sub(r"\x1b\[[0-9;]*m", "", run.stdout)                     # nbval colours its tracebacks
-    assert run.returncode == 1 and "1 failed" in out and "Cell 6" in out, out[-3000:]   # the per-domain claims cell
+    assert run.returncode == 1 and "1 failed" in out and "Cell 7" in out, out[-3000:]   # the per-domain claims cell
     assert 'assert below_zs == {"nyu"} and -1 < deltas.loc["nyu", "semla - zero_shot"] < 0' in out, out[-3000:]
     assert re.search(r"semla - zero_shot\s+5\.4", out) and "Name: nyu" in out, out[-3000:]   # NYU's row, now +5.4
