@@ -127,6 +127,9 @@ class _OfficialCall:
     def __call__(self, images: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return CATSeg.forward(self.model, images, text)
 
+    def parameters(self):
+        return self.model.parameters()
+
 
 def load_catseg_segmenter(path: str | Path) -> CATSegSegmenter:
     """A CAT-Seg checkpoint (detectron2 .pth read weights-only, or safetensors) as a segmenter in eval mode, set up
