@@ -755,11 +755,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def command_device(args):
+    """The device a command runs on; one this machine lacks is an error before any work. With Ray, a CUDA device
+    is the workers' (a job asks Ray for a GPU; the driver loads its models on the CPU: pipeline.placement), so a
+    head without a GPU may name one."""
+    import torch
+    from .core.runtime import resolve_device
+    on_ray = getattr(args, "ray", False) or getattr(args, "ray_address", None)
+    if on_ray and str(args.device or "").startswith("cuda"):
+        return torch.device(args.device)
+    return resolve_device(args.device)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from .core.runtime import configure_threads, resolve_device
+    from .core.runtime import configure_threads
     args = build_parser().parse_args(argv)
     try:
-        args.device = resolve_device(args.device)      # a device this machine lacks: say so before any work
+        args.device = command_device(args)
         configure_threads(args.threads)
         args.func(args)
     except SemlaError as e:

@@ -117,3 +117,18 @@ def test_retrieval_defaults_live_in_the_config_dataclass():
     own = parse(["segment", "a.png", "--classes", "road", "--out", "o.png", "--index", "kmeans:4", "--text-weight", "0.5"])
     from semla_lab.cli import _config_fields
     assert RetrievalConfig(**_config_fields(own, RetrievalConfig)) == RetrievalConfig(index="kmeans:4", text_weight=0.5)
+
+
+def test_a_ray_command_may_name_cuda_on_a_head_without_a_gpu(monkeypatch):
+    """With --ray/--ray-address, --device cuda is the workers' device: a driver without a GPU accepts it;
+    without Ray it is still one clear error."""
+    import torch
+    from semla_lab.cli import build_parser, command_device
+    from semla_lab.core.errors import UsageError
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    parse = build_parser().parse_args
+    assert command_device(parse(["evaluate", "--ray-address", "auto", "--device", "cuda"])) == torch.device("cuda")
+    assert command_device(parse(["build-library", "--out", "L", "--ray", "--device", "cuda:1"])) == torch.device("cuda:1")
+    assert command_device(parse(["evaluate", "--ray", "--device", "cpu"])) == torch.device("cpu")
+    with pytest.raises(UsageError, match="sees no GPU"):
+        command_device(parse(["evaluate", "--device", "cuda"]))
